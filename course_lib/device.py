@@ -1,0 +1,130 @@
+"""Which device and precisions to use, sizes per device, and an environment doctor."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+from dataclasses import dataclass
+
+import torch
+
+KEY_PACKAGES = (
+    "torch", "numpy", "matplotlib", "ipywidgets", "jupyterlab", "nbgrader", "nbval",
+    "transformers", "peft", "tokenizers", "safetensors", "wandb", "tqdm",
+)
+
+
+def pick_device(prefer: str | None = None) -> torch.device:
+    """Return ``cuda`` if available, else ``mps``, else ``cpu`` (or ``prefer`` if given).
+
+    Under torchrun, ``LOCAL_RANK`` picks the GPU of this process (``cuda:{LOCAL_RANK}``),
+    never the global rank, which exceeds the GPU count on a second node.
+    """
+    if prefer is not None:
+        return torch.device(prefer)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def supported_precisions(device: torch.device | str | None = None) -> list[str]:
+    """Precisions that train correctly on ``device``: always fp32, plus bf16/fp16 where usable.
+
+    On CPU both bf16 and fp16 autocast run (slowly: they are for learning the numerics);
+    on CUDA bf16 needs compute capability 8.0 or newer (Ampere+).
+    """
+    device = pick_device() if device is None else torch.device(device)
+    out = ["fp32"]
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            out.append("bf16")
+        out.append("fp16")
+    elif device.type == "mps":
+        out += ["bf16", "fp16"] if torch.backends.mps.is_macos_or_newer(14, 0) else ["fp16"]
+    else:
+        out += ["bf16", "fp16"]
+    return out
+
+
+def best_precision(device: torch.device | str | None = None) -> str:
+    """bf16 on GPUs that support it (no loss scaling needed), else fp32."""
+    device = pick_device() if device is None else torch.device(device)
+    if device.type == "cuda" and "bf16" in supported_precisions(device):
+        return "bf16"
+    return "fp32"
+
+
+def device_profile(device: torch.device | str | None = None) -> str:
+    """``"gpu"`` on CUDA, else ``"cpu"``: notebooks size their models and runs by this."""
+    device = pick_device() if device is None else torch.device(device)
+    return "gpu" if device.type == "cuda" else "cpu"
+
+
+@dataclass
+class Check:
+    """One line of the doctor's report."""
+
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+    def line(self) -> str:
+        text = f"[{'OK' if self.ok else 'FAIL'}] {self.name}: {self.detail}"
+        if not self.ok and self.fix:
+            text += f"  -> {self.fix}"
+        return text
+
+
+def _memory_gib() -> float | None:
+    try:
+        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return pages / 2**30
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def run_checks() -> list[Check]:
+    """Collect the environment checks (no printing)."""
+    checks = [Check("python", True, platform.python_version())]
+    checks.append(Check("torch", True, f"{torch.__version__} ({'CUDA ' + torch.version.cuda if torch.version.cuda else 'CPU build'})"))
+    device = pick_device()
+    detail = str(device)
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        detail += f" ({props.name}, {props.total_memory / 2**30:.1f} GiB, {torch.cuda.device_count()} GPU(s))"
+    checks.append(Check("device", True, detail))
+    precisions = supported_precisions(device)
+    for p in ("bf16", "fp16"):
+        checks.append(Check(p, p in precisions, "supported" if p in precisions else "not supported",
+                            "use --precision fp32 (or bf16 where supported)"))
+    cores = os.cpu_count() or 1
+    checks.append(Check("cpu cores", cores >= 2, f"{cores} (torch threads {torch.get_num_threads()})",
+                        "distributed lessons want 2+ cores; they still run, slowly"))
+    mem = _memory_gib()
+    checks.append(Check("memory", mem is None or mem >= 3, "unknown" if mem is None else f"{mem:.1f} GiB",
+                        "lessons need about 3 GiB free; close other programs"))
+    dist_ok = torch.distributed.is_available()
+    backends = []
+    if dist_ok:
+        backends = [b for b, ok in (("gloo", torch.distributed.is_gloo_available()),
+                                    ("nccl", torch.distributed.is_nccl_available())) if ok]
+    checks.append(Check("torch.distributed", dist_ok and "gloo" in backends, ", ".join(backends) or "unavailable",
+                        "install a torch build with distributed support (gloo)"))
+    for pkg in KEY_PACKAGES[1:]:
+        try:
+            checks.append(Check(pkg, True, importlib.metadata.version(pkg)))
+        except importlib.metadata.PackageNotFoundError:
+            checks.append(Check(pkg, False, "not installed", "run `make lab` (or pip install -r requirements.txt)"))
+    return checks
+
+
+def doctor(print_fn=print) -> bool:
+    """Print one ``[OK]``/``[FAIL]`` line per check; return True when all passed."""
+    checks = run_checks()
+    for c in checks:
+        print_fn(c.line())
+    return all(c.ok for c in checks)

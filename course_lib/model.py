@@ -1,0 +1,304 @@
+"""A tiny GPT: a decoder-only transformer in one readable file.
+
+Pre-norm blocks, causal attention through ``F.scaled_dot_product_attention`` (the fused
+kernel on every device), learned position embeddings and an output head tied to the token
+embedding. The model does **not** shift labels: ``labels[:, t]`` is the target of position
+``t``; the data pipeline (``course_lib.data``) does the shift, and ``-100`` marks positions
+that are not scored (padding).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+PRESETS: dict[str, dict[str, int]] = {
+    # name: (layers, heads, width, context); sized for a 2-core CPU up to a single GPU
+    "nano": dict(n_layer=2, n_head=2, n_embd=32, block_size=32),
+    "tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=128),
+    "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024),
+}
+
+
+@dataclass
+class GPTConfig:
+    """Shape of a :class:`GPT`.
+
+    Attributes:
+        vocab_size: number of token ids.
+        block_size: longest sequence (context length) the model accepts.
+        n_layer: number of transformer blocks.
+        n_head: attention heads per block; must divide ``n_embd``.
+        n_embd: model width.
+        dropout: dropout probability on attention weights and residual branches.
+        bias: whether linear and LayerNorm layers carry a bias.
+    """
+
+    vocab_size: int = 256
+    block_size: int = 128
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head != 0:
+            lower = self.n_embd // self.n_head * self.n_head
+            raise ValueError(
+                f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: each head needs "
+                f"an equal slice of the width. Use n_embd={lower or self.n_head} or "
+                f"{lower + self.n_head}, or a head count that divides {self.n_embd}."
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @classmethod
+    def from_preset(cls, name: str, vocab_size: int, **overrides: Any) -> "GPTConfig":
+        """Build a config from a named size (``nano``, ``tiny``, ``small``, ``gpt2``)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(vocab_size=vocab_size, **{**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class GPTOutput:
+    """What :meth:`GPT.forward` returns: ``logits`` (B, T, V) and ``loss`` (or ``None``)."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with separate q/k/v/o projections."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.head_dim = config.n_embd // config.n_head
+        self.q_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.k_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.v_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.o_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        # (B, T, heads*hd) -> (B, heads, T, hd). The head count is read from the projection's
+        # output, so a tensor-parallel shard holding a subset of heads runs this code unchanged.
+        q, k, v = (
+            proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+            for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=attn_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=attn_mask is None,
+        )
+        return self.resid_dropout(self.o_proj(y.transpose(1, 2).reshape(B, T, -1)))
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward network: width -> 4*width -> width with GELU."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.fc_in = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc_out = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc_out(self.act(self.fc_in(x))))
+
+
+class Block(nn.Module):
+    """One pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), attn_mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """A decoder-only transformer language model.
+
+    ``model(input_ids, labels=None, attention_mask=None)`` returns a :class:`GPTOutput`.
+    ``labels`` has the shape of ``input_ids``; ``labels[:, t]`` is the target for position
+    ``t`` (already shifted by the data pipeline) and ``-100`` is ignored. ``attention_mask``
+    (B, T) with 1 for real tokens and 0 for padding is optional: with right padding the causal
+    mask alone already keeps padding out of every real position.
+    """
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # weight tying: one matrix, used twice
+        self.apply(self._init_weights)
+        # GPT-2: scale the init of projections that write into the residual stream
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "fc_out.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token plus position embeddings (the first pipeline stage's work)."""
+        T = input_ids.size(1)
+        if T > self.config.block_size:
+            raise ValueError(
+                f"sequence length {T} exceeds block_size={self.config.block_size}; "
+                "truncate the input or build the model with a larger block_size"
+            )
+        pos = torch.arange(T, device=input_ids.device)
+        return self.drop(self.wte(input_ids) + self.wpe(pos))
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final LayerNorm and tied output projection (the last pipeline stage's work)."""
+        return self.lm_head(self.ln_f(x))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        reduction: str = "mean",
+    ) -> GPTOutput:
+        """Run the model; ``reduction="sum"`` returns the summed token loss (for accumulation)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(
+                f"labels shape {tuple(labels.shape)} must equal input_ids shape "
+                f"{tuple(input_ids.shape)} (labels[:, t] is the target of position t)"
+            )
+        mask = None if attention_mask is None else padding_attention_mask(attention_mask)
+        x = self.embed(input_ids)
+        for block in self.blocks:
+            x = block(x, mask)
+        logits = self.head(x)
+        loss = None if labels is None else lm_loss(logits, labels, reduction)
+        return GPTOutput(logits=logits, loss=loss)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Number of distinct parameters (the tied head is counted once).
+
+        With ``non_embedding=True`` the token and position embeddings are left out, as in
+        the scaling-law papers.
+        """
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.wte.weight.numel() + self.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token: ``6 * N + 12 * n_layer * n_embd * seq_len``.
+
+        ``6 N`` counts the forward (2 N) and backward (4 N) matrix multiplies over the weights
+        (N without position embeddings, which are a lookup; the tied head is a real matmul);
+        the second term is attention's score and value products (PaLM, appendix B).
+        """
+        c = self.config
+        T = c.block_size if seq_len is None else seq_len
+        n = self.num_params() - self.wpe.weight.numel()
+        return 6 * n + 12 * c.n_layer * c.n_embd * T
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Sample ``max_new_tokens`` tokens; ``temperature=0`` means greedy decoding."""
+        for _ in range(max_new_tokens):
+            context = input_ids[:, -self.config.block_size:]
+            logits = self(context).logits[:, -1, :]
+            if temperature == 0:
+                next_id = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                probs = F.softmax(logits, dim=-1)
+                next_id = torch.multinomial(probs, 1, generator=generator)
+            input_ids = torch.cat([input_ids, next_id], dim=1)
+        return input_ids
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy over positions whose label is not -100.
+
+    ``F.cross_entropy`` wants classes in dimension 1, so (B, T, V) logits are flattened to
+    (B*T, V) first; passing them unflattened is a classic bug (it treats T as the class axis).
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    return F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)).float(),
+        labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction=reduction,
+    )
+
+
+def padding_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Turn a (B, T) 1/0 padding mask into a (B, 1, T, T) boolean causal mask for SDPA.
+
+    Each position always sees itself, so a padding query never has an empty row (which would
+    give NaN); real positions see only real, earlier keys.
+    """
+    B, T = attention_mask.shape
+    keys = attention_mask.bool()[:, None, None, :]
+    causal = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
+    eye = torch.eye(T, dtype=torch.bool, device=attention_mask.device)
+    return (causal & keys) | eye
+
+
+def closed_form_num_params(config: GPTConfig) -> int:
+    """Parameter count of :class:`GPT` from its config alone (tied head counted once)."""
+    d, L, V, T = config.n_embd, config.n_layer, config.vocab_size, config.block_size
+    b = 1 if config.bias else 0
+    ln = 2 * d if config.bias else d
+    attn = 4 * (d * d + b * d)
+    mlp = d * 4 * d + b * 4 * d + 4 * d * d + b * d
+    return V * d + T * d + L * (2 * ln + attn + mlp) + ln
