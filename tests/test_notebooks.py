@@ -1,0 +1,177 @@
+"""The harness for every lesson notebook.
+
+Two layers:
+
+* static checks (fast, run by ``make test-fast``): each committed ``notebooks/NN_*.ipynb`` is saved
+  from one clean top-to-bottom run (outputs present, no error output, execution counts 1, 2, 3, ...),
+  starts with the standard Colab install cell, and links only to notebooks that exist;
+* the nbval run (marked ``notebooks``, run by ``make test``): each notebook is executed again, cell
+  by cell, in this environment with ``pytest --nbval-lax``; cells marked ``# NBVAL_CHECK_OUTPUT``
+  must reproduce their stored output after sanitising (``tests/nbval_sanitize.cfg``).
+
+The nbval run happens in a child pytest per notebook, so one notebook's kernel cannot leak state
+into another's, each gets its own time limit, and a failure names the notebook and the cell.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK_DIR = ROOT / "notebooks"
+SANITIZE = ROOT / "tests" / "nbval_sanitize.cfg"
+NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+
+# The lessons the syllabus fixes (SYLLABUS.md, "Lessons" table).
+SYLLABUS_NOTEBOOKS = (
+    "00_setup_and_challenges", "01_data_parallelism", "02_model_and_pipeline_parallelism",
+    "03_gradient_checkpointing", "04_mixed_precision", "05_gradient_accumulation",
+    "06_lr_scheduling", "07_lora", "08_data_pipeline", "09_monitoring_and_checkpoints",
+    "10_scaling_laws", "11_capstone",
+)
+
+# First code cell of every notebook: installs the course on Colab, does nothing elsewhere.
+COLAB_CELL = """\
+# On Colab, install the course first (does nothing anywhere else).
+import sys
+if "google.colab" in sys.modules:
+    %pip install -q "course_lib[course] @ git+https://github.com/llm-training-course/llm-training-course\""""
+
+# Budget on a 2-core CPU is 2 minutes per notebook; the limits below leave room for a busy CI host
+# while still catching a notebook that hangs.
+CELL_TIMEOUT_S = 240
+NOTEBOOK_TIMEOUT_S = 600
+
+
+def _source(cell: dict) -> str:
+    src = cell.get("source", "")
+    return "".join(src) if isinstance(src, list) else src
+
+
+def _load(path: Path) -> dict:
+    with path.open(encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _code_cells(nb: dict) -> list[dict]:
+    return [c for c in nb["cells"] if c["cell_type"] == "code"]
+
+
+def saved_run_problems(nb: dict) -> list[str]:
+    """Why a saved notebook is not the product of one clean top-to-bottom run (empty: it is)."""
+    problems = []
+    code = [c for c in _code_cells(nb) if _source(c).strip()]
+    if not code:
+        return ["has no code cells"]
+    if not any(c.get("outputs") for c in code):
+        problems.append("has no outputs: execute it and commit it with its outputs")
+    counts = [c.get("execution_count") for c in code]
+    if None in counts:
+        first = counts.index(None)
+        problems.append(f"code cell {first + 1} was never executed")
+    elif counts != list(range(1, len(counts) + 1)):
+        problems.append(f"cells executed out of order (execution counts {counts}); "
+                        "re-run it top to bottom with a fresh kernel")
+    for i, cell in enumerate(code, start=1):
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "error":
+                problems.append(f"code cell {i} was saved with an error: {out.get('ename')}: {out.get('evalue')}")
+    return problems
+
+
+@pytest.mark.parametrize("name", SYLLABUS_NOTEBOOKS)
+def test_every_syllabus_lesson_has_a_notebook(name: str) -> None:
+    assert (NOTEBOOK_DIR / f"{name}.ipynb").is_file(), f"notebooks/{name}.ipynb is missing (SYLLABUS.md)"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_saved_from_a_clean_run(path: Path) -> None:
+    problems = saved_run_problems(_load(path))
+    assert not problems, f"{path.name}: " + "; ".join(problems)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_starts_with_the_colab_cell(path: Path) -> None:
+    nb = _load(path)
+    code = _code_cells(nb)
+    assert code, f"{path.name} has no code cells"
+    assert _source(code[0]).strip() == COLAB_CELL, (
+        f"{path.name}: the first code cell must be the standard Colab install cell:\n{COLAB_CELL}")
+    assert nb["metadata"].get("kernelspec", {}).get("name") == "python3", (
+        f"{path.name}: kernelspec name must be 'python3' so it runs in any environment")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_links_resolve(path: Path) -> None:
+    nb = _load(path)
+    text = "\n".join(_source(c) for c in nb["cells"] if c["cell_type"] == "markdown")
+    targets = re.findall(r"\]\(([^)#\s]+\.ipynb)(?:#[^)]*)?\)", text)
+    missing = [t for t in targets if not t.startswith("http") and not (path.parent / t).is_file()]
+    assert not missing, f"{path.name} links to notebooks that do not exist: {missing}"
+
+
+def test_static_checks_catch_a_bad_notebook() -> None:
+    """The checker itself: a notebook run out of order, half-run or saved with an error is flagged."""
+    def cell(n, outputs=()):
+        return {"cell_type": "code", "source": "x = 1", "execution_count": n, "outputs": list(outputs)}
+
+    ok = {"cells": [cell(1, [{"output_type": "stream", "text": "hi"}]), cell(2)]}
+    assert saved_run_problems(ok) == []
+    assert "out of order" in " ".join(saved_run_problems({"cells": [cell(2, [{"output_type": "stream"}]), cell(1)]}))
+    assert "never executed" in " ".join(saved_run_problems({"cells": [cell(1, [{"output_type": "stream"}]), cell(None)]}))
+    assert "no outputs" in " ".join(saved_run_problems({"cells": [cell(1), cell(2)]}))
+    err = {"output_type": "error", "ename": "ValueError", "evalue": "boom", "traceback": []}
+    assert "ValueError: boom" in " ".join(saved_run_problems({"cells": [cell(1, [err])]}))
+
+
+def nbval_command(notebook: Path) -> list[str]:
+    """The pytest command that re-runs one notebook with nbval in this environment."""
+    return [
+        sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+        "--nbval-lax", "--nbval-current-env",
+        "--nbval-sanitize-with", str(SANITIZE),
+        f"--nbval-cell-timeout={CELL_TIMEOUT_S}",
+        str(notebook),
+    ]
+
+
+def nbval_summary(output: str) -> dict[str, int]:
+    """Counts from pytest's last summary line, e.g. ``12 passed, 1 skipped in 30.1s``."""
+    lines = [l for l in output.strip().splitlines() if re.search(r"\d+ (passed|failed|error)|no tests ran", l)]
+    if not lines:
+        return {}
+    return {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|errors?|skipped|xfailed|xpassed)", lines[-1])}
+
+
+def test_nbval_summary_parser() -> None:
+    assert nbval_summary("...\n12 passed, 1 skipped in 30.10s\n") == {"passed": 12, "skipped": 1}
+    assert nbval_summary("1 failed, 3 passed in 2s") == {"failed": 1, "passed": 3}
+    assert nbval_summary("no tests ran in 0.01s") == {}
+
+
+@pytest.mark.notebooks
+@pytest.mark.timeout(NOTEBOOK_TIMEOUT_S + 30)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_runs_with_nbval(path: Path) -> None:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="offline",
+               WANDB_SILENT="true", PYDEVD_DISABLE_FILE_VALIDATION="1")
+    start = time.perf_counter()
+    proc = subprocess.run(nbval_command(path), cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=NOTEBOOK_TIMEOUT_S)
+    wall = time.perf_counter() - start
+    out = proc.stdout + proc.stderr
+    summary = nbval_summary(proc.stdout)
+    # Exit code 5 means nbval collected nothing: that is a failure here, never a pass.
+    assert proc.returncode == 0, f"nbval failed on {path.name} (exit {proc.returncode}):\n{out[-6000:]}"
+    code_cells = [c for c in _code_cells(_load(path)) if _source(c).strip()]
+    assert summary.get("passed", 0) + summary.get("skipped", 0) >= len(code_cells), (
+        f"nbval ran {summary} for {path.name} but it has {len(code_cells)} code cells:\n{out[-3000:]}")
+    print(f"{path.name}: {summary.get('passed')} cells passed in {wall:.1f} s")
