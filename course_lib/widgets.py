@@ -1,0 +1,96 @@
+"""Interactive widgets for the lessons (ipywidgets).
+
+Each widget is a thin view over a tested pure function elsewhere in ``course_lib``: the widget
+only reads its inputs, calls the function and shows the result, so the numbers a learner sees
+are the numbers the tests check. Each result is shown in an element with a CSS class (for
+example ``memory-result``) so a browser test can find it.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+
+import ipywidgets as widgets
+
+from course_lib.memory import OPTIMIZERS, PRECISIONS, memory_breakdown
+
+_MEMORY_PARTS = (("weights", "weights"), ("gradients", "gradients"), ("optimizer", "optimizer state"))
+_PART_COLOURS = {"weights": "#4c72b0", "gradients": "#dd8452", "optimizer": "#55a868"}
+
+
+def format_gb(n_bytes: float) -> str:
+    """Bytes as decimal gigabytes with one decimal, the unit GPU datasheets use: ``"112.0 GB"``."""
+    return f"{n_bytes / 1e9:,.1f} GB"
+
+
+def gpus_needed(n_bytes: float, gpu_gb: float) -> int:
+    """How many GPUs of ``gpu_gb`` gigabytes hold ``n_bytes`` when the bytes are split evenly
+    across them (ZeRO-3/FSDP style), ignoring activations and fragmentation."""
+    if gpu_gb <= 0:
+        raise ValueError(f"gpu_gb must be positive, got {gpu_gb}")
+    return max(1, math.ceil(n_bytes / (gpu_gb * 1e9)))
+
+
+def memory_result_html(n_params_billion: float, optimizer: str, precision: str, gpu_gb: float = 80.0) -> str:
+    """The calculator's result as HTML: one bar per part, the total, and the GPUs it needs.
+
+    The text it shows comes from :func:`course_lib.memory.memory_breakdown` through
+    :func:`format_gb`.
+    """
+    parts = memory_breakdown(n_params_billion * 1e9, optimizer=optimizer, precision=precision)
+    total = parts["total"]
+    rows = []
+    for key, label in _MEMORY_PARTS:
+        width = 0.0 if total == 0 else 100.0 * parts[key] / total
+        per_param = parts[key] / (n_params_billion * 1e9) if n_params_billion else 0.0
+        rows.append(
+            f"<tr><td>{label}</td><td style='text-align:right'>{format_gb(parts[key])}</td>"
+            f"<td style='text-align:right'>{per_param:g} B/param</td>"
+            f"<td style='width:220px'><div style='background:{_PART_COLOURS[key]};"
+            f"width:{width:.1f}%;height:12px'></div></td></tr>"
+        )
+    n_gpus = gpus_needed(total, gpu_gb)
+    return (
+        f"<table>{''.join(rows)}</table>"
+        f"<p><b class='memory-total'>Total: {format_gb(total)}</b> for "
+        f"{html.escape(f'{n_params_billion:g}')}B parameters ({html.escape(optimizer)}, "
+        f"{html.escape(precision)}): at least <b class='memory-gpus'>{n_gpus}</b> GPU(s) of "
+        f"{gpu_gb:g} GB before any activation is stored.</p>"
+    )
+
+
+def memory_calculator_widget(
+    n_params_billion: float = 7.0, optimizer: str = "adamw", precision: str = "mixed", gpu_gb: float = 80.0,
+) -> widgets.VBox:
+    """Training-memory calculator: parameters, optimizer and precision in; bytes per part out.
+
+    The result lives in an ``HTML`` widget with the CSS class ``memory-result``; it is recomputed
+    with :func:`memory_result_html` whenever an input changes.
+    """
+    params = widgets.BoundedFloatText(
+        value=n_params_billion, min=0.001, max=100_000.0, step=1.0, description="Params (B)",
+        style={"description_width": "initial"}, layout=widgets.Layout(width="180px"),
+    )
+    params.add_class("memory-params")
+    opt = widgets.Dropdown(options=list(OPTIMIZERS), value=optimizer, description="Optimizer",
+                           layout=widgets.Layout(width="220px"))
+    opt.add_class("memory-optimizer")
+    prec = widgets.Dropdown(options=list(PRECISIONS), value=precision, description="Precision",
+                            layout=widgets.Layout(width="220px"))
+    prec.add_class("memory-precision")
+    gpu = widgets.Dropdown(options=sorted({16.0, 24.0, 40.0, 80.0, 141.0, float(gpu_gb)}), value=float(gpu_gb),
+                           description="GPU (GB)",
+                           layout=widgets.Layout(width="200px"))
+    gpu.add_class("memory-gpu")
+    result = widgets.HTML(value=memory_result_html(params.value, opt.value, prec.value, gpu.value))
+    result.add_class("memory-result")
+
+    def update(_change: object = None) -> None:
+        result.value = memory_result_html(params.value, opt.value, prec.value, gpu.value)
+
+    for control in (params, opt, prec, gpu):
+        control.observe(update, names="value")
+    box = widgets.VBox([widgets.HBox([params, opt, prec, gpu]), result])
+    box.add_class("memory-calculator")
+    return box
