@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
+import shutil
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -87,33 +89,86 @@ def _memory_gib() -> float | None:
         return None
 
 
+def gpu_checks() -> list[Check]:
+    """The GPUs this process sees: name, total and free memory of each, or why there are none."""
+    if torch.cuda.is_available():
+        checks = []
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            free, total = torch.cuda.mem_get_info(i)
+            checks.append(Check(
+                f"gpu {i}", free >= 2**30,
+                f"{props.name}, {total / 2**30:.1f} GiB ({free / 2**30:.1f} GiB free), "
+                f"compute capability {props.major}.{props.minor}",
+                "less than 1 GiB free: another process holds this GPU (see `nvidia-smi`); stop it, "
+                "or pick a free GPU with CUDA_VISIBLE_DEVICES",
+            ))
+        return checks
+    if torch.version.cuda is None and shutil.which("nvidia-smi"):
+        return [Check("gpu", False, "an NVIDIA driver is installed but this torch is a CPU-only build",
+                      "install the CUDA build of the pinned torch in the venv: `pip install torch=="
+                      + torch.__version__.split("+")[0] + " --index-url <URL>`, with the URL for your "
+                      "driver's CUDA version from https://pytorch.org/get-started/locally/")]
+    if pick_device().type == "mps":
+        return [Check("gpu", True, "Apple MPS: single-process lessons run on it; the distributed "
+                                   "lessons run on CPU with gloo (MPS has no collective backend)")]
+    return [Check("gpu", True, "none: every lesson runs on the CPU with the small 'cpu' profile; "
+                               "for GPU speed open the notebooks on Colab with a GPU runtime")]
+
+
+def backend_checks() -> list[Check]:
+    """Collective backends: gloo (CPU, needed by the distributed lessons) and NCCL (several GPUs)."""
+    dist = torch.distributed
+    available = dist.is_available()
+    gloo = available and dist.is_gloo_available()
+    nccl = available and dist.is_nccl_available()
+    checks = [Check("gloo", gloo, "available" if gloo else "unavailable",
+                    "this torch build lacks torch.distributed: install the official wheel "
+                    "(`pip install -r requirements.txt`); the distributed lessons need gloo")]
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n_gpus == 0:
+        checks.append(Check("nccl", True, ("available" if nccl else "unavailable") +
+                            " (not needed without CUDA GPUs: gloo carries the distributed lessons)"))
+    else:
+        checks.append(Check(
+            "nccl", nccl or n_gpus < 2,
+            "available" if nccl else f"unavailable ({'not needed with one GPU' if n_gpus < 2 else f'{n_gpus} GPUs'})",
+            "NCCL ships only in Linux CUDA builds (not on Windows): the course falls back to gloo, which "
+            "is correct but slower; for NCCL use Linux or WSL2",
+        ))
+    return checks
+
+
 def run_checks() -> list[Check]:
     """Collect the environment checks (no printing)."""
-    checks = [Check("python", True, platform.python_version())]
-    checks.append(Check("torch", True, f"{torch.__version__} ({'CUDA ' + torch.version.cuda if torch.version.cuda else 'CPU build'})"))
+    checks = [Check("python", sys.version_info >= (3, 10), platform.python_version(),
+                    "the course needs Python 3.10+ (3.11 recommended): install it, then `make clean lab`")]
+    torch_ok = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 6)
+    checks.append(Check("torch", torch_ok, f"{torch.__version__} ({'CUDA ' + torch.version.cuda if torch.version.cuda else 'CPU build'})",
+                        "the course needs torch 2.6+: `pip install -r requirements.txt` in a fresh venv"))
     device = pick_device()
     detail = str(device)
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         detail += f" ({props.name}, {props.total_memory / 2**30:.1f} GiB, {torch.cuda.device_count()} GPU(s))"
     checks.append(Check("device", True, detail))
+    checks += gpu_checks()
     precisions = supported_precisions(device)
+    precision_fix = {
+        "bf16": "this GPU predates bf16 (needs compute capability 8.0+): use --precision fp16, which "
+                "needs loss scaling (lesson 04), or fp32",
+        "fp16": "use --precision fp32",
+    }
     for p in ("bf16", "fp16"):
         checks.append(Check(p, p in precisions, "supported" if p in precisions else "not supported",
-                            "use --precision fp32 (or bf16 where supported)"))
+                            precision_fix[p]))
     cores = os.cpu_count() or 1
     checks.append(Check("cpu cores", cores >= 2, f"{cores} (torch threads {torch.get_num_threads()})",
                         "distributed lessons want 2+ cores; they still run, slowly"))
     mem = _memory_gib()
     checks.append(Check("memory", mem is None or mem >= 3, "unknown" if mem is None else f"{mem:.1f} GiB",
                         "lessons need about 3 GiB free; close other programs"))
-    dist_ok = torch.distributed.is_available()
-    backends = []
-    if dist_ok:
-        backends = [b for b, ok in (("gloo", torch.distributed.is_gloo_available()),
-                                    ("nccl", torch.distributed.is_nccl_available())) if ok]
-    checks.append(Check("torch.distributed", dist_ok and "gloo" in backends, ", ".join(backends) or "unavailable",
-                        "install a torch build with distributed support (gloo)"))
+    checks += backend_checks()
     for pkg in KEY_PACKAGES[1:]:
         try:
             checks.append(Check(pkg, True, importlib.metadata.version(pkg)))
