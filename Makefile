@@ -56,6 +56,16 @@ course: venv
 pretrained: venv
 	$(PY) scripts/make_pretrained.py
 
+## Instructors: regenerate the student versions in assessments/ from solutions/ (nbgrader)
+release: venv
+	$(PY) scripts/grade.py release
+
+## Instructors: autograde SUBMISSIONS=DIR (per-student folders, or an LMS download with ASSIGNMENT=...)
+grade: venv
+	@test -n "$(SUBMISSIONS)" || { echo "usage: make grade SUBMISSIONS=DIR [ASSIGNMENT=quiz] [LMS_REGEX='...']"; exit 2; }
+	$(PY) scripts/grade.py grade "$(SUBMISSIONS)" $(if $(ASSIGNMENT),--assignment "$(ASSIGNMENT)") \
+		$(if $(LMS_REGEX),--lms-regex '$(LMS_REGEX)')
+
 bench: venv
 	@for b in benchmarks/throughput.py benchmarks/memory.py benchmarks/notebooks.py; do \
 		if [ -f $$b ]; then echo "== $$b"; $(PY) $$b || exit 1; fi; \
