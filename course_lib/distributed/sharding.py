@@ -110,9 +110,9 @@ def fsdp_train_worker(rank: int, world_size: int, config: Any, state: dict[str, 
     """Train a :class:`course_lib.model.GPT` with FSDP2 for ``len(batches)`` AdamW steps.
 
     A worker for :func:`course_lib.distributed.launch.spawn`. Every rank builds the same model
-    from ``config`` and ``state`` (in the state's dtype), shards it with :func:`shard_model`,
-    and on each step takes its own equal slice of the rows of the global batch (``(B, T+1)``
-    token ids: inputs are ``[:, :-1]``, targets ``[:, 1:]``). FSDP averages the gradients over
+    from ``config`` and ``state`` (in the state's dtype, on this rank's device), shards it with
+    :func:`shard_model`, and on each step takes its own equal slice of the rows of the global
+    batch (``(B, T+1)`` token ids: inputs are ``[:, :-1]``, targets ``[:, 1:]``). FSDP averages the gradients over
     ranks, so with equal token counts per rank the run equals one process on the whole batch.
 
     Returns:
@@ -121,9 +121,11 @@ def fsdp_train_worker(rank: int, world_size: int, config: Any, state: dict[str, 
     """
     import torch.distributed as dist
 
+    from course_lib.distributed.tensor_parallel import rank_device
     from course_lib.model import GPT
 
-    model = GPT(config).to(next(iter(state.values())).dtype)
+    device = rank_device()
+    model = GPT(config).to(device=device, dtype=next(iter(state.values())).dtype)
     model.load_state_dict(state)
     shard_model(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
@@ -131,7 +133,7 @@ def fsdp_train_worker(rank: int, world_size: int, config: Any, state: dict[str, 
     for batch in batches:
         if batch.size(0) % world_size != 0:
             raise ValueError(f"global batch of {batch.size(0)} rows cannot be split over {world_size} ranks")
-        local = batch.chunk(world_size)[rank]
+        local = batch.chunk(world_size)[rank].to(device)
         optimizer.zero_grad()
         loss = model(local[:, :-1], labels=local[:, 1:]).loss
         loss.backward()
@@ -140,5 +142,5 @@ def fsdp_train_worker(rank: int, world_size: int, config: Any, state: dict[str, 
         dist.all_reduce(global_loss)  # the logged loss is the mean over ranks, not rank 0's
         losses.append(global_loss.item() / world_size)
     used = bytes_per_rank(model, optimizer)
-    full_state = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in model.state_dict().items()}
+    full_state = {k: (v.full_tensor() if isinstance(v, DTensor) else v).cpu() for k, v in model.state_dict().items()}
     return {"losses": losses, "bytes": used, "state": full_state}

@@ -302,13 +302,20 @@ def parallelize_block(block: nn.Module, mesh: Any = None) -> nn.Module:
     return parallelize_module(block, mesh, block_tp_plan())
 
 
+def rank_device() -> torch.device:
+    """This rank's device: its current GPU when the backend is nccl, else the CPU."""
+    _world_and_rank(None)
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def default_mesh() -> Any:
-    """A 1-D ``DeviceMesh`` over every rank: ``cuda`` when the backend is nccl, else ``cpu``."""
+    """A 1-D ``DeviceMesh`` over every rank, on :func:`rank_device`'s device type."""
     from torch.distributed.device_mesh import init_device_mesh
 
     world_size, _ = _world_and_rank(None)
-    device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    return init_device_mesh(device_type, (world_size,))
+    return init_device_mesh(rank_device().type, (world_size,))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,9 +359,9 @@ def tp_block_worker(rank: int, world_size: int, config: Any, state: dict[str, to
     """Run one tensor-parallel :class:`course_lib.model.Block` forward and backward on each rank.
 
     A worker for :func:`course_lib.distributed.launch.spawn`: every rank builds the block from
-    ``config`` and ``state`` (in ``x``'s dtype), shards it (``"hand"``: :func:`shard_attention`
-    and :func:`shard_mlp`; ``"dtensor"``: :func:`parallelize_block`), runs ``x`` through it and
-    back-propagates ``grad_output``. Compare what it returns with the unsharded block.
+    ``config`` and ``state`` (in ``x``'s dtype, on :func:`rank_device`), shards it (``"hand"``:
+    :func:`shard_attention` and :func:`shard_mlp`; ``"dtensor"``: :func:`parallelize_block`),
+    runs ``x`` through it and back-propagates ``grad_output``. Compare what it returns with the unsharded block.
 
     Returns:
         ``{mode: {"output", "input_grad", "grads" (full, by name), "local_numel"}}`` where
@@ -364,9 +371,11 @@ def tp_block_worker(rank: int, world_size: int, config: Any, state: dict[str, to
 
     from course_lib.model import Block
 
+    device = rank_device()
+    x, grad_output = x.to(device), grad_output.to(device)
     results: dict[str, dict[str, Any]] = {}
     for mode in modes:
-        block = Block(config).to(x.dtype)
+        block = Block(config).to(device=device, dtype=x.dtype)
         block.load_state_dict(state)
         if mode == "hand":
             shard_attention(block.attn)
@@ -379,6 +388,7 @@ def tp_block_worker(rank: int, world_size: int, config: Any, state: dict[str, to
         y = block(x_in)
         y.backward(grad_output)
         local_numel = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in block.parameters())
-        results[mode] = {"output": y.detach(), "input_grad": x_in.grad, "grads": gather_full_grads(block),
+        grads = {name: g.cpu() for name, g in gather_full_grads(block).items()}
+        results[mode] = {"output": y.detach().cpu(), "input_grad": x_in.grad.cpu(), "grads": grads,
                          "local_numel": local_numel}
     return results
