@@ -156,39 +156,90 @@ class MemoryEstimate:
         }
 
 
-def _block_activation_bytes(
-    d: int, h: int, T: int, tokens: int, r: int, a: int, *,
-    dropout: bool, autocast: bool, lora: dict[str, int], first: bool,
-) -> int:
-    """Bytes one block saves for backward (``r``: residual-stream dtype bytes, ``a``: matmul dtype bytes).
+@dataclass
+class _Shape:
+    """What the activation walk needs to know: sizes, dtype bytes, and what is trainable."""
 
-    Per token: the two LayerNorm inputs (residual stream, ``r``); the LayerNorm outputs, q, k, v,
-    the attention output, and the MLP hidden before and after GELU (4d each) (``a``); LayerNorm
-    mean and rstd and the attention logsumexp (fp32).
+    d: int
+    h: int
+    T: int
+    tokens: int
+    r: int  # bytes of the residual stream (LayerNorm inputs)
+    a: int  # bytes of matmul inputs/outputs
+    dropout: bool
+    autocast: bool
+    lora: frozenset[str]  # LoRA targets; empty means full training (every weight trainable)
+    rank: int = 0
+
+    @property
+    def full(self) -> bool:
+        return not self.lora
+
+
+def _linear(s: _Shape, name: str, fan_in: int, fan_out: int, input_grad: bool) -> tuple[int, int, bool]:
+    """(activation bytes beyond the input, weight-copy elements, output requires grad) of one linear.
+
+    Its *input* is counted by the caller (several linears share one input). Under autocast the
+    half-precision copy of the weight is saved when the input needs a gradient (grad_input = grad @ W).
+    A LoRA adapter saves A's output (rank wide) for B, and the weight copies of A and B.
     """
-    stats = 4 * tokens * (2 + 2 + h)
-    elems_r = 2 * d
-    elems_a = 2 * d + 3 * d + d + 4 * d + 4 * d
-    if autocast:
-        elems_a += 2 * d  # q, k and v each cast the LayerNorm output to half precision: three copies
-    if lora:
-        # A frozen linear saves no input for its (absent) weight gradient; LoRA saves the input of
-        # A (shared with the base) and A's (rank-sized) output. Only the first block differs: its
-        # input does not require grad, so its first LayerNorm and the q/k/v inputs save nothing
-        # unless a LoRA adapter needs them.
-        elems_a += sum(lora.values())
-        if first:
-            elems_r -= d
-            stats -= 4 * tokens * 2
-            if not any(t in lora for t in ("q_proj", "k_proj", "v_proj")):
-                elems_a -= d
-    if dropout:
-        # two residual dropout masks (in the activation dtype on CPU); attention takes the math
-        # path: softmax output, its dropout mask and the dropped probabilities (h x T each), no
-        # logsumexp
-        elems_a += 2 * d + 3 * h * T
-        stats -= 4 * tokens * h
-    return tokens * (elems_r * r + elems_a * a) + stats
+    act, copies = 0, 0
+    if s.autocast and input_grad:
+        copies += fan_in * fan_out * s.d * s.d
+    if name in s.lora:
+        act += s.tokens * s.rank * s.a
+        if s.autocast:
+            copies += s.rank * fan_out * s.d + (s.rank * fan_in * s.d if input_grad else 0)
+    return act, copies, input_grad or s.full or name in s.lora
+
+
+def _saves_input(s: _Shape, name: str) -> bool:
+    """A linear keeps its input when its weight is trained (full training) or it carries LoRA (for A)."""
+    return s.full or name in s.lora
+
+
+def _block_activations(s: _Shape, grad_in: bool) -> tuple[int, int, bool]:
+    """Walk one block as autograd does: (bytes saved, weight-copy elements, output requires grad).
+
+    A tensor is saved only when some gradient needs it, which is why a frozen model (LoRA) keeps
+    less: a frozen linear needs no input for its weight gradient.
+    """
+    d, tokens, r, a = s.d, s.tokens, s.r, s.a
+    norm = tokens * (d * r + 2 * 4)  # LayerNorm input (residual stream) and its fp32 mean and rstd
+    act, copies = 0, 0
+    # attention: x + o_proj(sdpa(q(ln_1(x)), k(.), v(.)))
+    ln1_grad = grad_in or s.full
+    act += norm if ln1_grad else 0
+    qkv_grad, ln1_out_users = False, 0
+    for name in ("q_proj", "k_proj", "v_proj"):
+        extra, c, g = _linear(s, name, 1, 1, ln1_grad)
+        act, copies, qkv_grad = act + extra, copies + c, qkv_grad or g
+        ln1_out_users += _saves_input(s, name)
+    # fp32: q, k and v save the same LayerNorm output; autocast casts it once per linear
+    act += tokens * d * a * (ln1_out_users if s.autocast else min(ln1_out_users, 1))
+    if qkv_grad:
+        if s.dropout:  # the math path: q, k, v, softmax output, its dropout mask, dropped probabilities
+            act += tokens * (3 * d + 3 * s.h * s.T) * a
+        else:  # the fused path: q, k, v, output (which o_proj reads in place) and fp32 logsumexp
+            act += tokens * (4 * d * a + 4 * s.h)
+    if _saves_input(s, "o_proj") and (s.dropout or not qkv_grad):
+        act += tokens * d * a  # o_proj's input when the attention did not already keep it
+    extra, c, o_grad = _linear(s, "o_proj", 1, 1, qkv_grad)
+    act, copies = act + extra, copies + c
+    act += tokens * d * a if s.dropout and o_grad else 0  # residual dropout mask
+    grad_mid = grad_in or o_grad
+    # MLP: x + fc_out(gelu(fc_in(ln_2(x))))
+    ln2_grad = grad_mid or s.full
+    act += norm if ln2_grad else 0
+    act += tokens * d * a if _saves_input(s, "fc_in") else 0
+    extra, c, h_grad = _linear(s, "fc_in", 1, 4, ln2_grad)
+    act, copies = act + extra, copies + c
+    act += tokens * 4 * d * a if h_grad else 0  # GELU keeps its input
+    act += tokens * 4 * d * a if _saves_input(s, "fc_out") else 0  # fc_out keeps GELU's output
+    extra, c, f_grad = _linear(s, "fc_out", 4, 1, h_grad)
+    act, copies = act + extra, copies + c
+    act += tokens * d * a if s.dropout and f_grad else 0
+    return act, copies, grad_mid or f_grad
 
 
 def estimate_training_memory(
@@ -211,13 +262,13 @@ def estimate_training_memory(
         precision: ``"fp32"``, ``"mixed"`` or ``"autocast"`` (see the module docstring).
         checkpointing: ``False``, ``True`` (every block) or ``k`` (blocks 0, k, 2k, ...), as
             :func:`enable_gradient_checkpointing` wraps them: a checkpointed block keeps only its input.
-        lora_rank: with LoRA, the base is frozen: only the adapters have gradients and optimizer
-            state; ``lora_targets`` names the wrapped linears of each block.
+        lora_rank: with LoRA (dropout 0), the base is frozen: only the adapters have gradients and
+            optimizer state; ``lora_targets`` names the wrapped linears of each block.
 
     The weight, gradient and optimizer terms are exact for ``fp32`` and ``autocast`` (a test
-    compares them with the real tensors after an optimizer step). The activation term counts
-    every tensor saved for backward (see :func:`saved_activation_bytes`), with dropout masks
-    when ``config.dropout > 0``.
+    compares them with the real tensors after an optimizer step). The activation term walks the
+    model as autograd does and counts every tensor saved for backward (see
+    :func:`saved_activation_bytes`), dropout masks included when ``config.dropout > 0``.
     """
     _check_choice("optimizer", optimizer, OPTIMIZERS)
     _check_choice("precision", precision, PRECISIONS)
@@ -231,57 +282,50 @@ def estimate_training_memory(
         raise ValueError(f"checkpointing must be False, True or a positive block stride, got {checkpointing}")
     from course_lib.model import closed_form_num_params
 
-    d, h, L, V = config.n_embd, config.n_head, config.n_layer, config.vocab_size
+    d, L, V = config.n_embd, config.n_layer, config.vocab_size
     tokens = batch_size * T
     n_params = closed_form_num_params(config)
     per = bytes_per_param(optimizer, precision)
     step_counters = 4 if optimizer in ("adam", "adamw") else 0
-
-    lora_elems: dict[str, int] = {}
+    targets = frozenset(lora_targets) if lora_rank else frozenset()
     if lora_rank:
-        targets = tuple(lora_targets)
         n_lora = lora_num_params(config, lora_rank, targets)
         n_trainable, n_trainable_tensors = n_lora, 2 * len(targets) * L
-        for t in targets:
-            lora_elems[t] = lora_rank  # the output of A, saved by B
-        weights = (n_params + n_lora) * per["weights"]
     else:
-        n_trainable, n_trainable_tensors = n_params, num_param_tensors(config)
-        weights = n_params * per["weights"]
+        n_lora, n_trainable, n_trainable_tensors = 0, n_params, num_param_tensors(config)
+    weights = (n_params + n_lora) * per["weights"]
     gradients = n_trainable * per["gradients"]
     optim = n_trainable * per["optimizer"] + n_trainable_tensors * step_counters
 
-    r = 2 if precision == "mixed" else 4
-    a = 4 if precision == "fp32" else 2
-    dropout = config.dropout > 0
-    full_block = [
-        _block_activation_bytes(
-            d, h, T, tokens, r, a, dropout=dropout, autocast=precision == "autocast", lora=lora_elems, first=i == 0,
-        )
-        for i in range(L)
-    ]
-    per_layer = [
-        tokens * d * r if every and i % every == 0 else full_block[i] for i in range(L)
-    ]
-    # embedding (token ids and positions, int64), final LayerNorm (input, output, stats), and the
-    # fp32 log-softmax of the loss with its int64 targets and its fp32 total weight
-    other = 8 * tokens + 8 * T + tokens * (d * r + d * a + 8) + tokens * (4 * V + 8) + 4
-    if dropout:
-        other += tokens * d * a  # embedding dropout mask
-    copies = 0
-    if precision == "autocast":
-        # autocast casts each linear weight (and the tied head) to half precision once per forward
-        # and saves the copy for backward; a checkpointed block casts again when it recomputes
-        plain_blocks = sum(1 for i in range(L) if not (every and i % every == 0))
-        per_block = 12 * d * d
-        if lora_rank:
-            per_block += lora_num_params(config, lora_rank, tuple(lora_targets)) // L
-        copies = 2 * (plain_blocks * per_block + V * d)
-    recompute = max(full_block) if every else 0
+    shape = _Shape(
+        d=d, h=config.n_head, T=T, tokens=tokens, r=2 if precision == "mixed" else 4,
+        a=4 if precision == "fp32" else 2, dropout=config.dropout > 0, autocast=precision == "autocast",
+        lora=targets, rank=lora_rank or 0,
+    )
+    per_layer, full_block, copies = [], [], 0
+    grad = False  # the embeddings' output needs a gradient only in full training
+    for i in range(L):
+        act, c, grad_out = _block_activations(shape, grad)
+        full_block.append(act)
+        if every and i % every == 0:
+            per_layer.append(tokens * d * shape.r)  # the checkpoint keeps the block's input
+        else:
+            per_layer.append(act)
+            copies += c
+        grad = grad_out
+    # the loss: fp32 log-softmax output, int64 targets, fp32 total weight
+    other = tokens * (4 * V + 8) + 4
+    if shape.full:
+        # embeddings keep token ids and positions (int64); the head keeps the final LayerNorm's output
+        other += 8 * tokens + 8 * T + tokens * d * shape.a
+        other += tokens * d * shape.a if shape.dropout else 0  # embedding dropout mask
+    if grad or shape.full:
+        other += tokens * (d * shape.r + 8)  # final LayerNorm input and stats
+        copies += V * d if shape.autocast else 0  # half-precision copy of the tied head
     return MemoryEstimate(
         weights=weights, gradients=gradients, optimizer=optim,
-        activations_per_layer=per_layer, activations_other=other, weight_copies=copies,
-        recompute_peak=recompute,
+        activations_per_layer=per_layer, activations_other=other, weight_copies=2 * copies,
+        recompute_peak=max(full_block) if every else 0,
         notes={"n_params": n_params, "n_trainable": n_trainable, "tokens": tokens},
     )
 

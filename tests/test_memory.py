@@ -150,3 +150,24 @@ def test_bad_arguments_are_explained():
         enable_gradient_checkpointing(GPT(config), every=0)
     with pytest.raises(TypeError, match="blocks"):
         enable_gradient_checkpointing(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("targets", [("q_proj", "v_proj"), ("fc_in",), ("q_proj", "k_proj", "v_proj", "o_proj", "fc_in", "fc_out")])
+@pytest.mark.parametrize("precision", ["fp32", "autocast"])
+def test_lora_estimate_against_measurement(targets, precision):
+    from course_lib.lora import apply_lora
+
+    config, B, T = CONFIGS["4x64"]
+    model = apply_lora(GPT(config), rank=4, alpha=8, target_modules=targets)
+    ids, labels = _batch(config, B, T)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "autocast"):
+        measured = saved_activation_bytes(model, ids, labels=labels).total
+        loss = model(ids, labels=labels).loss
+    loss.backward()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    opt.step()
+    est = estimate_training_memory(config, B, T, precision=precision, lora_rank=4, lora_targets=targets)
+    assert state_bytes(model, opt) == {"weights": est.weights, "gradients": est.gradients, "optimizer": est.optimizer}
+    assert abs(est.activations - measured) / measured < 0.25, (est.activations, measured)
+    # a frozen base keeps fewer activations than full training
+    assert measured < estimate_training_memory(config, B, T, precision=precision).activations
