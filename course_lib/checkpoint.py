@@ -1,0 +1,229 @@
+"""Checkpoints that survive crashes and load safely.
+
+* :func:`save_checkpoint` writes to a temporary file in the same directory, flushes and
+  ``fsync``\\ s it, then renames it over the target with ``os.replace`` (atomic on POSIX and
+  Windows). A crash mid-write leaves the previous checkpoint untouched.
+* :func:`load_checkpoint` uses ``torch.load(weights_only=True)``: tensors, numbers, strings,
+  lists, tuples and dicts only. A file that asks to build any other object (and so could run
+  code while unpickling) is refused with :class:`UntrustedCheckpointError`; its code never runs.
+* :func:`rng_state` / :func:`set_rng_state` capture python's ``random``, numpy, torch CPU and
+  CUDA generators as tensors and plain numbers, so they load under ``weights_only=True``.
+* :func:`latest_checkpoint` and :func:`prune_checkpoints` keep the last K ``ckpt_*.pt`` files.
+* :func:`export_pretrained` / :func:`load_pretrained` save and load a model for later lessons as
+  safetensors plus a ``config.json`` (no pickle at all).
+
+What goes *into* a checkpoint is the caller's choice; :func:`course_lib.training.train` stores
+model, optimizer, scheduler, scaler, the RNG and data position of every rank, the step and the
+configs as plain dicts (never a pickled config object).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import re
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+CHECKPOINT_GLOB = "ckpt_*.pt"
+_STEP_RE = re.compile(r"ckpt_(\d+)\.pt$")
+PRETRAINED_DIR = Path(__file__).parent / "pretrained"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, truncated or corrupt."""
+
+
+class UntrustedCheckpointError(CheckpointError):
+    """A checkpoint holds objects other than tensors and plain data (it could run code)."""
+
+
+def checkpoint_path(directory: str | os.PathLike, step: int) -> Path:
+    """The file name used for the checkpoint after ``step`` optimizer steps."""
+    return Path(directory) / f"ckpt_{step:08d}.pt"
+
+
+def save_checkpoint(path: str | os.PathLike, **state: Any) -> Path:
+    """Write ``state`` to ``path`` atomically and return the path.
+
+    The data goes to a temporary file in the same directory (a rename is only atomic within
+    one file system), is flushed and fsynced, then ``os.replace`` moves it into place. If
+    anything fails before the rename, the temporary file is removed and whatever was at
+    ``path`` before is still there, intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+    return path
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device | None = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint`, refusing anything unsafe.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        UntrustedCheckpointError: the file would build arbitrary Python objects.
+        CheckpointError: the file is truncated or not a checkpoint at all.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e) or "Weights only" in str(e):
+            raise UntrustedCheckpointError(
+                f"refusing to load {path}: it contains objects other than tensors and plain data, "
+                "and unpickling them could run arbitrary code. Only load checkpoints you wrote "
+                "yourself with course_lib.checkpoint.save_checkpoint."
+            ) from None
+        raise CheckpointError(f"{path} is not a readable checkpoint ({e}); it may be truncated or corrupt") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint ({first}); it may be truncated or corrupt. "
+            "Use an earlier checkpoint from the same directory."
+        ) from None
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The ``ckpt_*.pt`` file with the highest step in ``directory`` (None if there is none)."""
+    found = _checkpoints(directory)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(directory: str | os.PathLike, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints; return the deleted paths."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1 (keep at least the newest checkpoint), got {keep}")
+    old = _checkpoints(directory)[:-keep]
+    for p in old:
+        p.unlink(missing_ok=True)
+    return old
+
+
+def _checkpoints(directory: str | os.PathLike) -> list[Path]:
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.glob(CHECKPOINT_GLOB) if (m := _STEP_RE.search(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+# ---------------------------------------------------------------------------- RNG state
+
+
+def rng_state() -> dict[str, Any]:
+    """Every generator's state as tensors and plain numbers (loadable with ``weights_only``)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the generators saved by :func:`rng_state`."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"],
+                         npy["has_gauss"], npy["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------- pretrained models
+
+
+def export_pretrained(model: torch.nn.Module, tokenizer: Any, directory: str | os.PathLike, name: str,
+                      **metadata: Any) -> Path:
+    """Save ``model`` as ``<name>.safetensors`` and ``<name>.json`` (model config, tokenizer, metadata).
+
+    Safetensors holds raw tensors only (no pickle); the tied head is stored once.
+    """
+    from safetensors.torch import save_model
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = directory / f"{name}.safetensors"
+    save_model(model, str(weights))
+    meta = {"model": model.config.to_dict(), "tokenizer": tokenizer.to_dict(), **metadata}
+    (directory / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return weights
+
+
+def pretrained_metadata(name: str = "shakespeare_tiny", directory: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The ``<name>.json`` written by :func:`export_pretrained` (config, tokenizer, val loss, command)."""
+    directory = PRETRAINED_DIR if directory is None else Path(directory)
+    meta = directory / f"{name}.json"
+    if not meta.is_file():
+        available = sorted(p.stem for p in directory.glob("*.safetensors")) if directory.is_dir() else []
+        raise FileNotFoundError(
+            f"no pretrained model {name!r} in {directory} (available: {available or 'none'}); "
+            "build it with `make pretrained`"
+        )
+    return json.loads(meta.read_text())
+
+
+def load_pretrained(name: str = "shakespeare_tiny", directory: str | os.PathLike | None = None,
+                    device: str | torch.device = "cpu"):
+    """Load a pretrained model and its tokenizer: ``model, tokenizer = load_pretrained()``.
+
+    The course ships ``shakespeare_tiny`` (the ``tiny`` preset trained on the ``shakespeare``
+    corpus by ``make pretrained``); its ``<name>.json`` records the validation loss and the
+    command that made it. The model comes back in eval mode.
+    """
+    from safetensors.torch import load_model
+
+    from course_lib.data import CharTokenizer
+    from course_lib.model import GPT, GPTConfig
+
+    directory = PRETRAINED_DIR if directory is None else Path(directory)
+    meta = pretrained_metadata(name, directory)
+    model = GPT(GPTConfig(**meta["model"]))
+    load_model(model, str(directory / f"{name}.safetensors"), device=str(device))
+    return model.to(device).eval(), CharTokenizer.from_dict(meta["tokenizer"])

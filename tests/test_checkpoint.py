@@ -1,0 +1,138 @@
+"""Checkpoints: atomic writes, safe loads, RNG capture, pruning, pretrained export."""
+
+import os
+import pickle
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from course_lib import checkpoint as ck
+from course_lib.data import CharTokenizer
+from course_lib.model import GPT, GPTConfig
+
+
+class _Evil:
+    """Unpickling this creates a directory: proof that code ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_save_and_load_round_trip(tmp_path):
+    state = {"w": torch.randn(3, 4), "step": 7, "config": {"lr": 1e-3, "betas": [0.9, 0.95]}, "name": "x"}
+    path = ck.save_checkpoint(tmp_path / "c.pt", **state)
+    loaded = ck.load_checkpoint(path)
+    assert torch.equal(loaded["w"], state["w"]) and loaded["step"] == 7 and loaded["config"] == state["config"]
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("fail_at", ["replace", "write"])
+def test_crash_during_write_keeps_previous_checkpoint(tmp_path, monkeypatch, fail_at):
+    path = tmp_path / "ckpt.pt"
+    ck.save_checkpoint(path, w=torch.ones(1000), step=1)
+    good = path.read_bytes()
+
+    if fail_at == "replace":
+        def boom(*args, **kwargs):
+            raise OSError("simulated crash before the rename")
+        monkeypatch.setattr(ck.os, "replace", boom)
+    else:
+        real_save = torch.save
+
+        def half_write(obj, f, *args, **kwargs):
+            f.write(b"PK\x03\x04 half a zip file")  # some bytes reach the disk, then the crash
+            raise KeyboardInterrupt("simulated kill mid-write")
+        monkeypatch.setattr(ck.torch, "save", half_write)
+
+    with pytest.raises((OSError, KeyboardInterrupt)):
+        ck.save_checkpoint(path, w=torch.zeros(1000), step=2)
+    monkeypatch.undo()
+    assert path.read_bytes() == good
+    loaded = ck.load_checkpoint(path)
+    assert loaded["step"] == 1 and torch.equal(loaded["w"], torch.ones(1000))
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_writing_in_place_would_have_lost_the_checkpoint(tmp_path):
+    """The failure mode the atomic write prevents (Errata 12), shown with a truncated file."""
+    path = tmp_path / "ckpt.pt"
+    ck.save_checkpoint(path, w=torch.ones(1000), step=1)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # what a crash during an in-place write leaves
+    with pytest.raises(ck.CheckpointError, match="ckpt.pt"):
+        ck.load_checkpoint(path)
+
+
+def test_garbage_and_missing_files_give_clear_errors(tmp_path):
+    bad = tmp_path / "garbage.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ck.CheckpointError, match="garbage.pt"):
+        ck.load_checkpoint(bad)
+    with pytest.raises(FileNotFoundError, match="nothing.pt"):
+        ck.load_checkpoint(tmp_path / "nothing.pt")
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
+def test_code_running_pickle_is_refused_and_never_runs(tmp_path, writer):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    payload = {"model": {"w": torch.ones(2)}, "config": _Evil(marker)}
+    if writer == "torch.save":
+        torch.save(payload, path)
+    else:
+        with open(path, "wb") as f:
+            pickle.dump(payload, f)
+    with pytest.raises(ck.UntrustedCheckpointError, match="evil.pt"):
+        ck.load_checkpoint(path)
+    assert not marker.exists()
+    # the payload is live: a plain unpickle does run it (so the check above could fail)
+    other = tmp_path / "ran"
+    pickle.loads(pickle.dumps(_Evil(other)))
+    assert other.exists()
+
+
+def test_rng_state_round_trip_through_a_safe_checkpoint(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    np.random.standard_normal()  # leaves a cached gaussian in numpy's legacy state
+    ck.save_checkpoint(tmp_path / "rng.pt", rng=ck.rng_state())
+
+    def draw():
+        return random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist()
+
+    expected = draw()
+    draw()  # move every generator on
+    ck.set_rng_state(ck.load_checkpoint(tmp_path / "rng.pt")["rng"])
+    assert draw() == expected
+
+
+def test_latest_and_prune(tmp_path):
+    assert ck.latest_checkpoint(tmp_path) is None
+    assert ck.latest_checkpoint(tmp_path / "missing") is None
+    for step in (5, 100, 20):
+        ck.save_checkpoint(ck.checkpoint_path(tmp_path, step), step=step)
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    assert ck.latest_checkpoint(tmp_path).name == "ckpt_00000100.pt"
+    removed = ck.prune_checkpoints(tmp_path, keep=2)
+    assert [p.name for p in removed] == ["ckpt_00000005.pt"]
+    assert sorted(p.name for p in tmp_path.glob("ckpt_*.pt")) == ["ckpt_00000020.pt", "ckpt_00000100.pt"]
+    with pytest.raises(ValueError, match="keep"):
+        ck.prune_checkpoints(tmp_path, keep=0)
+
+
+def test_export_and_load_pretrained(tmp_path):
+    tok = CharTokenizer.from_text("hello world")
+    model = GPT(GPTConfig.from_preset("nano", tok.vocab_size))
+    ck.export_pretrained(model, tok, tmp_path, "toy", val_loss=1.5, command="python -m course_lib train ...")
+    loaded, tok2 = ck.load_pretrained("toy", directory=tmp_path)
+    assert tok2.encode("hello") == tok.encode("hello")
+    for (n, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert loaded.lm_head.weight is loaded.wte.weight  # still tied after loading
+    assert ck.pretrained_metadata("toy", tmp_path)["val_loss"] == 1.5
+    with pytest.raises(FileNotFoundError, match="make pretrained"):
+        ck.load_pretrained("nope", directory=tmp_path)

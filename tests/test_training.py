@@ -1,0 +1,207 @@
+"""The training loop: token-weighted accumulation, exact resume, partial windows, config errors."""
+
+import copy
+
+import pytest
+import torch
+
+from course_lib.checkpoint import latest_checkpoint, load_checkpoint
+from course_lib.data import RandomWindowBatches
+from course_lib.model import GPT, IGNORE_INDEX, GPTConfig
+from course_lib.training import TrainConfig, accumulate_gradients, evaluate, train
+
+V = 40
+
+
+def _model(seed=0, dropout=0.0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=V, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=dropout))
+
+
+def _padded_batch(lengths, T=16, seed=0):
+    """A batch whose row i has ``lengths[i]`` real tokens, then padding labelled -100."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (len(lengths), T), generator=g)
+    labels = torch.randint(0, V, (len(lengths), T), generator=g)
+    for row, n in enumerate(lengths):
+        labels[row, n:] = IGNORE_INDEX
+    return {"input_ids": ids, "labels": labels}
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_accumulated_gradient_equals_full_batch_gradient():
+    # three micro-batches with very different numbers of real tokens (16, 3+5, 1+16+9)
+    micro = [_padded_batch([16], seed=1), _padded_batch([3, 5], seed=2), _padded_batch([1, 16, 9], seed=3)]
+    full = {k: torch.cat([m[k] for m in micro]) for k in ("input_ids", "labels")}
+
+    reference = _model().double()
+    reference(full["input_ids"], labels=full["labels"]).loss.backward()  # mean over all real tokens
+    expected = _grads(reference)
+
+    model = _model().double()
+    loss = accumulate_gradients(model, micro)
+    got = _grads(model)
+    assert loss == pytest.approx(reference(full["input_ids"], labels=full["labels"]).loss.item(), rel=1e-6)
+    for name, g in expected.items():
+        torch.testing.assert_close(got[name], g, rtol=1e-6, atol=1e-6, msg=name)
+
+    # Errata 7: averaging each micro-batch's mean loss gives a different gradient
+    naive = _model().double()
+    for m in micro:
+        (naive(m["input_ids"], labels=m["labels"]).loss / len(micro)).backward()
+    assert not torch.allclose(_grads(naive)["wte.weight"], expected["wte.weight"], atol=1e-6)
+
+
+def test_accumulation_in_float32_matches_within_1e6():
+    micro = [_padded_batch([16, 2], seed=4), _padded_batch([7], seed=5)]
+    full = {k: torch.cat([m[k] for m in micro]) for k in ("input_ids", "labels")}
+    reference = _model()
+    reference(full["input_ids"], labels=full["labels"]).loss.backward()
+    model = _model()
+    accumulate_gradients(model, micro)
+    for name, g in _grads(reference).items():
+        torch.testing.assert_close(_grads(model)[name], g, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _stream(n=4000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # a learnable stream: mostly counting upwards modulo V, with some noise
+    base = torch.arange(n) % V
+    noise = torch.randint(0, V, (n,), generator=g)
+    keep = torch.rand(n, generator=g) < 0.8
+    return torch.where(keep, base, noise).long()
+
+
+def _config(tmp_path, **kw):
+    base = dict(steps=12, lr=3e-3, warmup_steps=3, grad_accum=2, checkpoint_every=4, keep_checkpoints=3,
+                out_dir=str(tmp_path), progress=False, seed=7)
+    return TrainConfig(**{**base, **kw})
+
+
+class _CrashAt:
+    """A logger that kills the run (as a SIGINT would) when it sees ``step``."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def log(self, metrics, step):
+        if step == self.step:
+            raise KeyboardInterrupt(f"simulated crash at step {step}")
+
+
+@pytest.mark.slow
+def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path):
+    stream = _stream()
+    full = train(_model(dropout=0.1), RandomWindowBatches(stream, 16, 4, seed=3), _config(tmp_path / "a"))
+
+    with pytest.raises(KeyboardInterrupt):  # crash after the step-4 checkpoint, mid-way to step 8
+        train(_model(dropout=0.1), RandomWindowBatches(stream, 16, 4, seed=3), _config(tmp_path / "b"),
+              loggers=[_CrashAt(6)])
+    assert latest_checkpoint(tmp_path / "b").name == "ckpt_00000004.pt"
+
+    # a new process would build a fresh model (other init) and a fresh iterator at position 0
+    resumed_model = _model(seed=123, dropout=0.1)
+    resumed = train(resumed_model, RandomWindowBatches(stream, 16, 4, seed=3), _config(tmp_path / "b"), resume=True)
+    assert resumed.resumed_from == 4 and resumed.step == 12
+    assert [r["step"] for r in resumed.history] == list(range(5, 13))
+    assert resumed.values("loss") == full.values("loss")[4:]  # bitwise: == on floats
+    assert resumed.values("grad_norm") == full.values("grad_norm")[4:]
+    a = load_checkpoint(latest_checkpoint(tmp_path / "a"))["model"]
+    b = resumed_model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert full.values("loss")[-1] < full.values("loss")[0]  # it did learn something
+
+
+@pytest.mark.slow
+def test_resume_without_restoring_rng_and_data_differs(tmp_path):
+    """What a checkpoint without RNG and data position gives (Errata 12): a different run."""
+    stream = _stream()
+    full = train(_model(dropout=0.1), RandomWindowBatches(stream, 16, 4, seed=3), _config(tmp_path / "a"))
+    ckpt = load_checkpoint(tmp_path / "a" / "ckpt_00000008.pt")
+    model = _model(dropout=0.1)
+    model.load_state_dict(ckpt["model"])
+    # weights only, data from the start, RNG as it happens to be: continue for the remaining steps
+    cfg = _config(tmp_path / "c", steps=4, warmup_steps=0)
+    naive = train(model, RandomWindowBatches(stream, 16, 4, seed=3), cfg)
+    assert naive.values("loss") != full.values("loss")[8:]
+
+
+def test_resume_refuses_changed_settings_and_missing_checkpoints(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(_model(), RandomWindowBatches(_stream(), 16, 4), _config(tmp_path), resume=True)
+    train(_model(), RandomWindowBatches(_stream(), 16, 4), _config(tmp_path, steps=4))
+    with pytest.raises(ValueError, match="lr"):
+        train(_model(), RandomWindowBatches(_stream(), 16, 4), _config(tmp_path, steps=4, lr=1.0), resume=True)
+
+
+def test_trailing_partial_window_is_stepped_and_weighted_by_its_tokens(tmp_path):
+    micro = [_padded_batch([16, 4], seed=s) for s in range(5)]  # 5 micro-batches, windows of 2
+    model = _model()
+    result = train(model, micro, TrainConfig(steps=10, grad_accum=2, progress=False, lr=1e-2))
+    assert result.step == 3  # 2 full windows + 1 partial window of one micro-batch
+    assert [r["tokens"] for r in result.history] == [40, 40, 20]
+
+    # the partial window counts its own tokens only: the same as padding it with a micro-batch
+    # that holds no real token at all
+    empty = {"input_ids": micro[0]["input_ids"], "labels": torch.full_like(micro[0]["labels"], IGNORE_INDEX)}
+    reference = _model()
+    train(reference, [*micro, empty], TrainConfig(steps=10, grad_accum=2, progress=False, lr=1e-2))
+    for (name, a), b in zip(reference.named_parameters(), model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7, msg=name)
+
+
+def test_metrics_clipping_and_eval(tmp_path):
+    stream = _stream()
+    eval_data = [RandomWindowBatches(stream, 16, 8, seed=99).batch(0)]
+    model = _model()
+    before = evaluate(model, eval_data)
+    cfg = TrainConfig(steps=6, lr=3e-3, eval_every=3, log_every=2, clip_grad_norm=0.5, progress=False,
+                      peak_flops=1e12, per_layer_grad_norm_every=2)
+    result = train(model, RandomWindowBatches(stream, 16, 4, seed=1), cfg, eval_data=eval_data)
+    assert [r["step"] for r in result.history] == [2, 3, 4, 6]  # log_every=2 plus the eval step 3
+    assert [r["step"] for r in result.history if "val_loss" in r] == [3, 6]
+    for r in result.history:
+        assert {"loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= r.keys()
+        assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1
+    assert "grad_norm/blocks.0" in result.history[0]
+    assert result.val_loss == result.history[-1]["val_loss"] < before
+    assert model.training  # evaluate() restored train mode
+
+
+def test_clipping_happens_on_the_true_gradient():
+    """With clip_grad_norm, the update uses gradients of norm <= the threshold."""
+    micro = [_padded_batch([16, 16, 16], seed=11)]
+    model = _model()
+    probe = copy.deepcopy(model)
+    accumulate_gradients(probe, micro)
+    total = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in probe.parameters() if p.grad is not None]))
+    cfg = TrainConfig(steps=1, lr=1e-3, clip_grad_norm=float(total) / 10, weight_decay=0.0, progress=False)
+    result = train(model, micro, cfg)
+    assert result.history[0]["grad_norm"] == pytest.approx(float(total), rel=1e-5)  # logged before clipping
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(steps=0), "steps"),
+        (dict(grad_accum=0), "grad_accum"),
+        (dict(lr=-1.0), "lr"),
+        (dict(steps=5, warmup_steps=6), "warmup_steps"),
+        (dict(precision="fp8"), "precision"),
+        (dict(clip_grad_norm=0.0), "clip_grad_norm"),
+        (dict(checkpoint_every=5), "out_dir"),
+        (dict(betas=(0.9, 1.5)), "betas"),
+    ],
+)
+def test_bad_configs_raise_clear_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kwargs)
+
+
+def test_eval_data_must_be_reiterable():
+    with pytest.raises(ValueError, match="re-iterable"):
+        train(_model(), [_padded_batch([4])], TrainConfig(steps=1, progress=False),
+              eval_data=iter([_padded_batch([4])]))
