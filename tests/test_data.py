@@ -10,15 +10,31 @@ import torch
 
 from course_lib.data import (
     CharTokenizer,
+    DynamicBatchSampler,
+    LLMDataset,
     RandomWindowBatches,
+    collate_padded,
     encode_corpus,
     eval_windows,
     load_corpus,
     load_tokenizer,
+    pack_sequences,
+    padding_waste,
     tokenizer_from_dict,
     train_bpe_tokenizer,
     train_val_split,
 )
+from course_lib.model import GPT, GPTConfig
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread avoids thread spin-up costs on a busy shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 SAMPLE = "ROMEO:\nBut soft, what light through yonder window breaks?\n\nJULIET:\nAy me!\n"
 
@@ -168,3 +184,189 @@ def test_eval_windows_are_deterministic_non_overlapping_and_complete():
     assert len(eval_windows(tokens, 10, 3, max_batches=2)) == 2
     again = eval_windows(tokens, block_size=10, batch_size=3)
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(batches, again, strict=True))
+
+
+# ---------------------------------------------------------------- documents: padding
+class CountingTokenizer(CharTokenizer):
+    """A CharTokenizer that counts how many texts it encodes."""
+
+    calls = 0
+
+    def encode(self, text: str) -> list[int]:
+        CountingTokenizer.calls += 1
+        return super().encode(text)
+
+
+def _docs() -> list[str]:
+    return [s for s in load_corpus("shakespeare")[:20_000].split("\n\n") if s][:40]
+
+
+def test_llm_dataset_shifts_truncates_and_tokenises_once():
+    docs = _docs()
+    tok = CountingTokenizer.from_text("".join(docs))
+    CountingTokenizer.calls = 0
+    ds = LLMDataset(["", *docs], tok, max_length=64)
+    assert CountingTokenizer.calls == len(docs) + 1
+    assert len(ds) == len(docs) and ds.num_skipped == 1, "the empty document gives no pair"
+    for _ in range(3):
+        for i in range(len(ds)):
+            ds[i]
+    assert CountingTokenizer.calls == len(docs) + 1, "items are not tokenised again"
+    for text, item, n in zip(docs, ds, ds.lengths, strict=True):
+        ids = (tok.encode(text) + [tok.eos_id])[:65]
+        assert n == len(ids) - 1 <= 64
+        assert item["input_ids"].tolist() == ids[:-1] and item["labels"].tolist() == ids[1:]
+    assert max(ds.lengths) == 64 and min(ds.lengths) < 64
+    with pytest.raises(ValueError, match="no usable documents"):
+        LLMDataset([], tok, max_length=8)
+    with pytest.raises(ValueError, match="max_length"):
+        LLMDataset(docs, tok, max_length=0)
+
+
+def test_collate_labels_are_ignored_exactly_on_padding():
+    tok = CharTokenizer.from_text("".join(_docs()))
+    ds = LLMDataset(_docs()[:6], tok, max_length=50)
+    batch = ds.collate([ds[i] for i in range(6)])
+    lengths = torch.tensor(ds.lengths[:6])
+    width = int(lengths.max())
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (6, width)
+    padding = torch.arange(width)[None, :] >= lengths[:, None]
+    assert padding.any(), "the test needs some padding"
+    assert torch.equal(batch["labels"] == -100, padding)
+    assert torch.equal(batch["input_ids"][padding], torch.full((int(padding.sum()),), tok.pad_id))
+    assert torch.equal(batch["attention_mask"], (~padding).long())
+    for row in range(6):
+        n = ds.lengths[row]
+        assert torch.equal(batch["labels"][row, :n], ds[row]["labels"])
+
+
+def test_padded_batch_loss_equals_the_unpadded_per_document_loss():
+    """Reference: each document alone, no padding, in float64; token-weighted mean."""
+    tok = CharTokenizer.from_text("".join(_docs()))
+    ds = LLMDataset(_docs()[:5], tok, max_length=64)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=32)).double()
+    model.eval()
+    batch = ds.collate([ds[i] for i in range(5)])
+    assert len(set(ds.lengths[:5])) > 1, "the test needs documents of different lengths"
+    padded_loss = model(**batch).loss
+    total = sum(  # float64 cross-entropy of each document alone
+        torch.nn.functional.cross_entropy(model(ds[i]["input_ids"][None]).logits[0], ds[i]["labels"], reduction="sum")
+        for i in range(5)
+    )
+    reference = (total / sum(ds.lengths[:5])).item()
+    assert padded_loss.item() == pytest.approx(reference, rel=1e-6)  # model's loss is float32
+    wrong = batch["labels"].clone()  # the tutorial's bug: labels padded with the pad id
+    wrong[wrong == -100] = tok.pad_id
+    assert abs(model(batch["input_ids"], labels=wrong).loss - reference) > 1e-3
+
+
+def test_attention_mask_comes_from_lengths_when_pad_equals_eos():
+    eos = 1
+    items = [  # documents that contain <eos> inside (e.g. several turns joined by <eos>)
+        {"input_ids": torch.tensor([5, 6, eos, 7, 8]), "labels": torch.tensor([6, eos, 7, 8, eos])},
+        {"input_ids": torch.tensor([9, eos]), "labels": torch.tensor([eos, 4])},
+    ]
+    batch = collate_padded(items, pad_id=eos)
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+    assert batch["labels"].tolist() == [[6, eos, 7, 8, eos], [eos, 4, -100, -100, -100]]
+    from_ids = (batch["input_ids"] != eos).long()  # the tutorial's mask: hides real <eos> tokens
+    assert not torch.equal(from_ids, batch["attention_mask"])
+    with pytest.raises(ValueError, match="empty"):
+        collate_padded([], pad_id=0)
+
+
+# ---------------------------------------------------------------- documents: packing
+def test_packing_keeps_every_token_exactly_once_without_padding():
+    g = torch.Generator().manual_seed(0)
+    docs = [torch.randint(2, 50, (int(n),), generator=g).tolist() for n in torch.randint(1, 40, (30,), generator=g)]
+    stream = [t for d in docs for t in (*d, 1)]
+    packed = pack_sequences(docs, block_size=16, eos_id=1)
+    x, y = packed["input_ids"], packed["labels"]
+    n = x.shape[0]
+    assert x.shape == y.shape == (n, 16) and x.dtype == torch.long
+    assert x.flatten().tolist() == stream[: n * 16], "each kept token is an input exactly once, in order"
+    assert y.flatten().tolist() == stream[1 : n * 16 + 1], "labels are the next stream token"
+    assert 0 < len(stream) - n * 16 <= 16, "only a tail shorter than a row is dropped"
+    assert (x == 1).sum() == sum(t == 1 for t in stream[: n * 16]), "eos separators kept"
+    assert not (y == -100).any(), "no padding at all"
+    with pytest.raises(ValueError, match="smaller block_size"):
+        pack_sequences([[3, 4]], block_size=8, eos_id=1)
+
+
+# ---------------------------------------------------------------- documents: dynamic batching
+def _lengths(n: int = 300) -> list[int]:
+    g = torch.Generator().manual_seed(1)
+    return (torch.randint(1, 200, (n,), generator=g)).tolist()
+
+
+def test_padding_waste_by_hand():
+    lengths = [1, 2, 3, 4]
+    assert padding_waste([[0, 3], [1, 2]], lengths) == pytest.approx(1 - 10 / 14)
+    assert padding_waste([[0], [1], [2], [3]], lengths) == 0.0
+
+
+def test_dynamic_batches_respect_the_budget_and_cover_every_index_once():
+    lengths = _lengths()
+    sampler = DynamicBatchSampler(lengths, max_tokens=1024, seed=3)
+    batches = list(sampler)
+    assert len(batches) == len(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert all(len(b) * max(lengths[i] for i in b) <= 1024 for b in batches)
+    sizes = sorted(len(b) for b in batches)
+    assert sizes[0] < sizes[-1], "short samples travel in larger batches"
+
+
+def test_dynamic_batching_wastes_less_padding_than_random_batches_of_the_same_sizes():
+    lengths = _lengths()
+    batches = list(DynamicBatchSampler(lengths, max_tokens=1024, seed=0))
+    dynamic = padding_waste(batches, lengths)
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(lengths), generator=g).tolist()
+    cuts = torch.tensor([0] + [len(b) for b in batches]).cumsum(0).tolist()
+    random_batches = [perm[a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+    random_waste = padding_waste(random_batches, lengths)
+    assert dynamic < 0.1 < random_waste, (dynamic, random_waste)
+
+
+def test_dynamic_batch_order_is_reproducible_per_epoch():
+    lengths = _lengths()
+    sampler = DynamicBatchSampler(lengths, max_tokens=1024, seed=5)
+    sampler.set_epoch(0)
+    e0 = list(sampler)
+    assert list(sampler) == e0
+    sampler.set_epoch(1)
+    e1 = list(sampler)
+    assert e1 != e0 and len(e1) == len(e0)
+    again = DynamicBatchSampler(lengths, max_tokens=1024, seed=5)
+    again.set_epoch(1)
+    assert list(again) == e1
+    fixed = DynamicBatchSampler(lengths, max_tokens=1024, shuffle=False)
+    order = [lengths[b[0]] for b in fixed]
+    assert order == sorted(order), "without shuffle, batches come shortest first"
+
+
+def test_dynamic_batch_sampler_in_a_dataloader_gives_tensors_under_budget():
+    docs = _docs()
+    tok = CharTokenizer.from_text("".join(docs))
+    ds = LLMDataset(docs, tok, max_length=128)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_sampler=DynamicBatchSampler(ds.lengths, max_tokens=512), collate_fn=ds.collate
+    )
+    seen = 0
+    for batch in loader:
+        assert isinstance(batch["input_ids"], torch.Tensor)
+        assert batch["input_ids"].numel() <= 512
+        seen += batch["attention_mask"].sum().item()
+    assert seen == sum(ds.lengths)
+
+
+def test_dynamic_batch_sampler_errors_and_drop_last():
+    with pytest.raises(ValueError, match="raise max_tokens to at least 300"):
+        DynamicBatchSampler([10, 300, 20], max_tokens=256)
+    with pytest.raises(ValueError, match="empty"):
+        DynamicBatchSampler([], max_tokens=256)
+    # lengths 10 x5 then 100 x1, budget 100: [10]*5 fits (50 <= 100), the 100 fills a batch alone
+    assert len(DynamicBatchSampler([10] * 5 + [100], max_tokens=100, drop_last=True)) == 2
+    # the longest batch [50] could still take another 50: it ran out of samples, so it is dropped
+    kept = list(DynamicBatchSampler([10, 10, 50], max_tokens=100, shuffle=False, drop_last=True))
+    assert kept == [[0, 1]]

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 CORPORA = ("python_docs", "shakespeare")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_corpus(name: str) -> str:
     """Return the text of a bundled corpus; nothing is downloaded.
 
