@@ -12,6 +12,7 @@ Uses ``torch.amp`` (``torch.cuda.amp`` is deprecated).
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import ContextManager
 
 import torch
@@ -51,8 +52,6 @@ def make_grad_scaler(device: torch.device | str, precision: str, **kwargs) -> to
 # --------------------------------------------------------------------------------------------
 # Demonstrations (deterministic: the gradients are constructed, not sampled)
 # --------------------------------------------------------------------------------------------
-
-from dataclasses import dataclass  # noqa: E402
 
 
 def gradient_magnitudes(n: int = 61, low: float = 1e-12, high: float = 1e-2) -> torch.Tensor:
