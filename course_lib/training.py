@@ -61,6 +61,7 @@ from course_lib.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from course_lib.distributed.faults import maybe_inject_fault
 from course_lib.model import IGNORE_INDEX
 from course_lib.precision import DTYPES, autocast, make_grad_scaler
 from course_lib.schedulers import warmup_cosine
@@ -430,6 +431,7 @@ def train(
     model.train()
 
     for step in range(result.step + 1, config.steps + 1):
+        maybe_inject_fault(step, group.rank)  # no-op unless a fault-tolerance test asks for a kill
         window = _next_window(data_iter, config.grad_accum)
         real = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in window)
         inputs = sum(b["input_ids"].numel() for b in window)
