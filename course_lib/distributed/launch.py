@@ -97,7 +97,7 @@ def _context() -> Any:
     """
     if "forkserver" in mp.get_all_start_methods():
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["torch", "torch.distributed", __name__])
+        ctx.set_forkserver_preload(["torch", "torch.distributed", "torch._dynamo", __name__])
         return ctx
     return mp.get_context("spawn")
 

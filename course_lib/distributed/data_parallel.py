@@ -1,0 +1,309 @@
+"""Data parallelism with ``DistributedDataParallel`` (DDP).
+
+Every rank holds a full copy of the model and a different slice of the batch. After the
+backward pass DDP all-reduces (averages) the gradients, so every rank takes the same optimizer
+step, the one a single process would take on the whole batch. This module holds:
+
+* set-up: :func:`wrap_ddp`, and :func:`make_loader` / :func:`rank_indices` for the
+  ``DistributedSampler`` that gives each rank its share of the data (call ``set_epoch``!);
+* the numbers a learner checks: :func:`global_mean` (the loss to log is the mean over every
+  rank, not rank 0's own), :class:`CommTimer` and :func:`time_ddp_step` (how much of a step is
+  spent all-reducing gradients);
+* workers for :func:`course_lib.distributed.launch.spawn` that run the checks in the lesson
+  and the tests: :func:`ddp_gradients_worker`, :func:`ddp_train_worker`, :func:`comm_timing_worker`.
+
+The accumulation window itself (token-weighted loss, ``no_sync`` on all but the last
+micro-step, loss times world size to undo DDP's averaging) is one implementation, shared with
+the training loop: :func:`course_lib.training.accumulate_gradients`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+from course_lib.model import GPT, IGNORE_INDEX, GPTConfig
+from course_lib.training import TrainConfig, accumulate_gradients, train
+
+Batch = Mapping[str, torch.Tensor]
+
+
+def rank_device() -> torch.device:
+    """This rank's device: ``cuda:LOCAL_RANK`` under nccl, else the CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def wrap_ddp(model: nn.Module, device: torch.device | None = None, **ddp_kwargs: Any) -> DistributedDataParallel:
+    """Move ``model`` to this rank's device and wrap it in ``DistributedDataParallel``.
+
+    DDP broadcasts rank 0's parameters at construction, so every rank starts identical, and
+    registers hooks that all-reduce gradients in buckets while the backward pass runs.
+    """
+    if not dist.is_initialized():
+        raise RuntimeError(
+            "wrap_ddp() needs a process group: run inside course_lib.distributed.spawn(...) or under "
+            "torchrun after course_lib.distributed.init_from_env()"
+        )
+    device = rank_device() if device is None else device
+    model.to(device)
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids, **ddp_kwargs)
+
+
+def rank_indices(
+    n: int, world_size: int, epoch: int = 0, *, shuffle: bool = True, seed: int = 0, drop_last: bool = False
+) -> list[list[int]]:
+    """The sample indices each rank reads in ``epoch``, exactly as ``DistributedSampler`` gives them.
+
+    Shuffling is seeded by ``seed + epoch``: a loop that forgets ``sampler.set_epoch(epoch)``
+    reads the same order every epoch. When ``n`` is not divisible by ``world_size`` the sampler
+    repeats a few samples (or drops them with ``drop_last``) so every rank gets as many.
+    """
+    if n < 1 or world_size < 1:
+        raise ValueError(f"need n >= 1 and world_size >= 1, got n={n}, world_size={world_size}")
+    out = []
+    for rank in range(world_size):
+        sampler = DistributedSampler(
+            range(n), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
+        )
+        sampler.set_epoch(epoch)
+        out.append(list(sampler))
+    return out
+
+
+def make_loader(
+    dataset: Dataset, batch_size: int, *, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+) -> tuple[DataLoader, DistributedSampler]:
+    """A ``DataLoader`` that reads only this rank's share of ``dataset``.
+
+    Returns the loader and its sampler: call ``sampler.set_epoch(epoch)`` at the start of every
+    epoch, or each epoch repeats the first one's order.
+    """
+    sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn)
+    return loader, sampler
+
+
+def shard_batch(batch: Batch, rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    """Rank ``rank``'s contiguous slice of the rows of ``batch`` (the global batch)."""
+    rows = next(iter(batch.values())).shape[0]
+    if rows % world_size:
+        raise ValueError(f"a batch of {rows} rows does not split evenly over {world_size} ranks; "
+                         f"use a multiple of {world_size}")
+    per = rows // world_size
+    return {k: v[rank * per:(rank + 1) * per] for k, v in batch.items()}
+
+
+def split_micro(batch: Batch, n_micro: int) -> list[dict[str, torch.Tensor]]:
+    """Cut ``batch`` into ``n_micro`` equal micro-batches (rows) for gradient accumulation."""
+    rows = next(iter(batch.values())).shape[0]
+    if rows % n_micro:
+        raise ValueError(f"{rows} rows do not split into {n_micro} equal micro-batches")
+    per = rows // n_micro
+    return [{k: v[i * per:(i + 1) * per] for k, v in batch.items()} for i in range(n_micro)]
+
+
+def global_mean(value_sum: float | torch.Tensor, count: int | float) -> float:
+    """``sum over ranks of value_sum / sum over ranks of count``: the number to log.
+
+    Printing rank 0's own loss shows one shard's loss, not the batch's: it differs from rank to
+    rank and from the single-process run. Outside a process group this is ``value_sum / count``.
+    """
+    totals = torch.tensor([float(value_sum), float(count)], dtype=torch.float64)
+    if dist.is_initialized():
+        device = rank_device()
+        totals = totals.to(device)
+        dist.all_reduce(totals)
+    return (totals[0] / totals[1]).item()
+
+
+@dataclass
+class CommTimer:
+    """A DDP communication hook that all-reduces gradient buckets and records each one.
+
+    ``timer.register(ddp_model)`` (before the first backward) replaces DDP's default all-reduce
+    with the same operation plus a record ``(start, end, bytes)`` per bucket: the wall time
+    during which a gradient all-reduce was in flight. On GPUs the end is when the collective's
+    future completes, which the step's ``torch.cuda.synchronize`` bounds.
+    """
+
+    records: list[tuple[float, float, int]] = field(default_factory=list)
+
+    def register(self, model: DistributedDataParallel) -> None:
+        model.register_comm_hook(self, _timed_allreduce_hook)
+
+    def reset(self) -> None:
+        self.records.clear()
+
+    @property
+    def calls(self) -> int:
+        return len(self.records)
+
+    @property
+    def seconds(self) -> float:
+        return sum(end - start for start, end, _ in self.records)
+
+    @property
+    def bytes(self) -> int:
+        return sum(n for _, _, n in self.records)
+
+
+def _timed_allreduce_hook(timer, bucket):  # noqa: ANN001 - DDP rejects string annotations here
+    """DDP comm hook: ``timer`` is a :class:`CommTimer`, ``bucket`` a ``dist.GradBucket``."""
+    start = time.perf_counter()
+    buffer = bucket.buffer()
+    world = dist.get_world_size()
+    future = dist.all_reduce(buffer, async_op=True).get_future()
+
+    def finish(fut: torch.futures.Future[Any]) -> torch.Tensor:
+        timer.records.append((start, time.perf_counter(), buffer.numel() * buffer.element_size()))
+        return fut.value()[0].div_(world)  # DDP's default: the mean over ranks
+
+    return future.then(finish)
+
+
+@dataclass
+class StepTiming:
+    """Where the time of one DDP training step (forward + backward + all-reduce) goes.
+
+    Attributes:
+        step_s: median time of a normal DDP step.
+        compute_s: median time of the same step under ``no_sync`` (no communication at all).
+        allreduce_s: median time per step with a gradient all-reduce in flight (:class:`CommTimer`).
+        allreduce_bytes: gradient bytes all-reduced per step (4 bytes per fp32 parameter).
+        world_size: number of ranks.
+    """
+
+    step_s: float
+    compute_s: float
+    allreduce_s: float
+    allreduce_bytes: int
+    world_size: int
+
+    @property
+    def comm_share(self) -> float:
+        """Fraction of the step during which gradients were being all-reduced."""
+        return self.allreduce_s / self.step_s
+
+    @property
+    def exposed_comm_s(self) -> float:
+        """Time the all-reduce adds to the step (not hidden behind the backward pass)."""
+        return max(self.step_s - self.compute_s, 0.0)
+
+
+def _median(xs: Sequence[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
+
+
+def time_ddp_step(model: DistributedDataParallel, timer: CommTimer, batch: Batch, steps: int = 5) -> StepTiming:
+    """Time forward + backward of ``batch`` with and without the gradient all-reduce.
+
+    ``timer`` must have been registered on ``model``. One untimed warm-up step comes first.
+    Each rank reports the medians over ``steps`` of its own clock.
+    """
+    device = rank_device()
+
+    def one_step(sync: bool) -> float:
+        model.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dist.barrier()  # start together, or the all-reduce times a rank waiting for a late peer
+        start = time.perf_counter()
+        with contextlib.nullcontext() if sync else model.no_sync():
+            model(batch["input_ids"], labels=batch["labels"]).loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    one_step(True)
+    compute = [one_step(False) for _ in range(steps)]
+    step, comm, nbytes = [], [], 0
+    for _ in range(steps):
+        timer.reset()
+        step.append(one_step(True))
+        comm.append(timer.seconds)
+        nbytes = timer.bytes
+    return StepTiming(_median(step), _median(compute), _median(comm), nbytes, dist.get_world_size())
+
+
+# ---------------------------------------------------------------- workers for spawn(...)
+
+
+def _build(config: GPTConfig, state: Mapping[str, torch.Tensor]) -> GPT:
+    model = GPT(config)
+    model.load_state_dict(state)
+    return model
+
+
+def ddp_gradients_worker(
+    rank: int, world_size: int, config: GPTConfig, state: Mapping[str, torch.Tensor], batch: Batch,
+    grad_accum: int = 1,
+) -> dict[str, Any]:
+    """One DDP accumulation window on this rank's shard of ``batch``; report what a learner checks.
+
+    Rank ``r`` takes rows ``shard_batch(batch, r, world_size)``, cuts them into ``grad_accum``
+    micro-batches and runs :func:`course_lib.training.accumulate_gradients` (``no_sync`` on all
+    but the last). Returns the gradients, the logged (global) loss, this rank's local loss and
+    the number of all-reduce calls the window made.
+    """
+    device = rank_device()
+    model = wrap_ddp(_build(config, state), device)
+    timer = CommTimer()
+    timer.register(model)
+    local = shard_batch(batch, rank, world_size)
+    loss = accumulate_gradients(model, split_micro(local, grad_accum), device=device)
+    with torch.no_grad():
+        n_real = int((local["labels"] != IGNORE_INDEX).sum())
+        local_sum = model.module(local["input_ids"].to(device), labels=local["labels"].to(device),
+                                 reduction="sum").loss
+    return {
+        "grads": {name: p.grad.detach().cpu() for name, p in model.module.named_parameters()},
+        "global_loss": loss,
+        "local_loss": local_sum.item() / n_real,
+        "global_mean_of_local": global_mean(local_sum.item(), n_real),
+        "allreduce_calls": timer.calls,
+    }
+
+
+def ddp_train_worker(
+    rank: int, world_size: int, config: GPTConfig, state: Mapping[str, torch.Tensor],
+    global_batches: Sequence[Batch], train_config: TrainConfig,
+) -> dict[str, Any]:
+    """Run :func:`course_lib.training.train` under DDP on this rank's shard of each global batch.
+
+    Returns the logged history (global-mean losses, the same on every rank) and the final
+    parameters, to compare with one process training on the full batches.
+    """
+    device = rank_device()
+    model = wrap_ddp(_build(config, state), device)
+    shards = [shard_batch(b, rank, world_size) for b in global_batches]
+    result = train(model, shards, train_config, device=device)
+    return {
+        "losses": result.values("loss"),
+        "params": {name: p.detach().cpu() for name, p in model.module.named_parameters()},
+    }
+
+
+def comm_timing_worker(
+    rank: int, world_size: int, config: GPTConfig, state: Mapping[str, torch.Tensor], batch: Batch, steps: int = 5
+) -> StepTiming:
+    """Measure one DDP step's compute and all-reduce time on this rank (see :func:`time_ddp_step`)."""
+    device = rank_device()
+    model = wrap_ddp(_build(config, state), device)
+    timer = CommTimer()
+    timer.register(model)
+    local = {k: v.to(device) for k, v in shard_batch(batch, rank, world_size).items()}
+    return time_ddp_step(model, timer, local, steps)
