@@ -1,0 +1,429 @@
+"""Model and pipeline parallelism: split the layers over stages, then keep every stage busy.
+
+*Model parallelism* puts consecutive layers on different devices ("stages"). Run naively, one
+batch flows through the stages one after another, so at any moment one stage works and the
+others wait. *Pipeline parallelism* cuts the batch into ``M`` micro-batches so that stage ``s``
+can work on micro-batch ``m`` while stage ``s+1`` works on ``m-1``. What remains idle is the
+*bubble*: filling and draining the pipe costs ``P-1`` of ``M+P-1`` time slots,
+
+    bubble fraction = (P - 1) / (M + P - 1)      (P stages, M micro-batches)
+
+for both GPipe (all forwards, then all backwards) and 1F1B (one forward, one backward in
+steady state), which differ in memory: GPipe keeps the activations of all ``M`` micro-batches,
+1F1B at most ``P - s`` on stage ``s``.
+
+This module has three layers:
+
+* pure maths for plots, widgets and tests: :func:`partition_layers`, :func:`schedule`,
+  :func:`bubble_fraction`, :func:`schedule_bubble`, :func:`measured_bubble`, :func:`peak_in_flight`;
+* a hand-written pipeline over point-to-point ``send``/``recv``: :class:`GPTStage` (stage 0
+  embeds, the last stage applies the head and the loss) and :func:`run_schedule`, which records
+  when each stage computes so the bubble is *measured*;
+* :func:`torch_pipeline_step`, the same model through ``torch.distributed.pipelining``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from functools import partial
+from typing import Any, NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from course_lib.model import GPT, IGNORE_INDEX, GPTConfig, lm_loss
+
+KINDS = ("naive", "gpipe", "1f1b")
+
+
+class Op(NamedTuple):
+    """One unit of work in a schedule: ``op`` ("F" or "B") of ``microbatch`` on ``stage`` at time ``t``."""
+
+    stage: int
+    t: int
+    op: str
+    microbatch: int
+
+
+class Interval(NamedTuple):
+    """A stage computing ``op`` of ``microbatch`` from ``start`` to ``end`` (seconds or time slots)."""
+
+    stage: int
+    start: float
+    end: float
+    op: str
+    microbatch: int
+
+
+# ------------------------------------------------------------------ placement
+
+
+def partition_layers(n_layers: int, n_stages: int) -> list[range]:
+    """Contiguous, balanced layer ranges, one per stage; every layer placed exactly once.
+
+    When ``n_stages`` does not divide ``n_layers`` the first ``n_layers % n_stages`` stages
+    take one layer more: 5 layers on 2 stages gives ``[range(0, 3), range(3, 5)]``. Stage
+    indices never exceed ``n_stages - 1``.
+    """
+    if n_stages < 1 or n_layers < 1:
+        raise ValueError(f"need n_layers >= 1 and n_stages >= 1, got {n_layers} and {n_stages}")
+    if n_stages > n_layers:
+        raise ValueError(f"{n_stages} stages for {n_layers} layers would leave stages without a layer; "
+                         f"use at most {n_layers} stages or a deeper model")
+    base, extra = divmod(n_layers, n_stages)
+    out, start = [], 0
+    for s in range(n_stages):
+        size = base + (1 if s < extra else 0)
+        out.append(range(start, start + size))
+        start += size
+    return out
+
+
+def tutorial_device_ids(n_layers: int, n_devices: int) -> list[int]:
+    """The tutorial's placement ``i // (n_layers // n_devices)``, kept to show its bug (Errata 3).
+
+    With 5 layers on 2 devices it returns ``[0, 0, 1, 1, 2]``: device 2 does not exist.
+    (With fewer layers than devices it divides by zero.) Use :func:`partition_layers`.
+    """
+    per_device = n_layers // n_devices
+    return [i // per_device for i in range(n_layers)]
+
+
+def tutorial_stage_layers(n_layers: int, n_stages: int) -> list[range]:
+    """The tutorial's pipeline split, kept to show its bug (Errata 4): it drops the remainder.
+
+    ``n_layers // n_stages`` layers per stage: 5 layers on 2 stages keeps layers 0-3 and
+    silently loses layer 4. Use :func:`partition_layers`.
+    """
+    per_stage = n_layers // n_stages
+    return [range(s * per_stage, min((s + 1) * per_stage, n_layers)) for s in range(n_stages)]
+
+
+# ------------------------------------------------------------------ schedules (pure)
+
+
+def stage_program(kind: str, stages: int, microbatches: int, stage: int) -> list[tuple[str, int]]:
+    """The order in which ``stage`` runs its forwards ("F") and backwards ("B").
+
+    * ``"naive"``: F0 B0 F1 B1 ...: a micro-batch enters only when the previous one has gone
+      all the way back, so one stage works at a time (plain model parallelism).
+    * ``"gpipe"``: all forwards, then all backwards.
+    * ``"1f1b"``: ``P - 1 - stage`` warm-up forwards, then alternate one forward and one
+      backward, then the remaining backwards.
+    """
+    _check_shape(kind, stages, microbatches)
+    if not 0 <= stage < stages:
+        raise ValueError(f"stage must be in [0, {stages}), got {stage}")
+    M = microbatches
+    if kind == "naive":
+        return [(op, m) for m in range(M) for op in ("F", "B")]
+    if kind == "gpipe":
+        return [("F", m) for m in range(M)] + [("B", m) for m in range(M)]
+    warmup = min(stages - 1 - stage, M)
+    program = [("F", m) for m in range(warmup)]
+    for i in range(M - warmup):
+        program += [("F", warmup + i), ("B", i)]
+    return program + [("B", m) for m in range(M - warmup, M)]
+
+
+def _check_shape(kind: str, stages: int, microbatches: int) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown schedule {kind!r}; choose one of {KINDS}")
+    if stages < 1 or microbatches < 1:
+        raise ValueError(f"need stages >= 1 and microbatches >= 1, got {stages} and {microbatches}")
+
+
+def schedule(kind: str, stages: int, microbatches: int) -> list[Op]:
+    """When each stage runs each forward and backward, with every op taking one time slot.
+
+    Each stage follows :func:`stage_program` and starts an op as soon as it is free and its
+    input exists: ``F`` of micro-batch ``m`` on stage ``s`` needs ``F(s-1, m)``; ``B(s, m)``
+    needs ``B(s+1, m)`` (on the last stage, its own ``F``). Returns the ops sorted by time.
+    """
+    _check_shape(kind, stages, microbatches)
+    programs = [stage_program(kind, stages, microbatches, s) for s in range(stages)]
+    finish: dict[tuple[str, int, int], int] = {}  # (op, stage, mb) -> end time
+    free = [0] * stages
+    pos = [0] * stages
+    events: list[Op] = []
+    while any(pos[s] < len(programs[s]) for s in range(stages)):
+        progressed = False
+        for s in range(stages):
+            if pos[s] == len(programs[s]):
+                continue
+            op, m = programs[s][pos[s]]
+            if op == "F":
+                dep = ("F", s - 1, m) if s > 0 else None
+            else:
+                dep = ("B", s + 1, m) if s < stages - 1 else ("F", s, m)
+            if dep is not None and dep not in finish:
+                continue
+            start = max(free[s], finish[dep] if dep is not None else 0)
+            finish[(op, s, m)] = free[s] = start + 1
+            events.append(Op(s, start, op, m))
+            pos[s] += 1
+            progressed = True
+        if not progressed:  # cannot happen for the built-in programs; guards future edits
+            raise RuntimeError(f"schedule {kind!r} deadlocks at positions {pos}")
+    return sorted(events, key=lambda e: (e.t, e.stage))
+
+
+def bubble_fraction(stages: int, microbatches: int) -> float:
+    """Predicted idle fraction of a GPipe or 1F1B pipeline: ``(P - 1) / (M + P - 1)``."""
+    if stages < 1 or microbatches < 1:
+        raise ValueError(f"need stages >= 1 and microbatches >= 1, got {stages} and {microbatches}")
+    return (stages - 1) / (microbatches + stages - 1)
+
+
+def as_intervals(events: Sequence[Op]) -> list[Interval]:
+    """Unit-time schedule ops as :class:`Interval` records (for plots and :func:`measured_bubble`)."""
+    return [Interval(e.stage, float(e.t), float(e.t + 1), e.op, e.microbatch) for e in events]
+
+
+def measured_bubble(intervals: Sequence[Interval], stages: int | None = None) -> float:
+    """Idle fraction ``1 - busy / (stages * makespan)`` of recorded compute intervals.
+
+    ``makespan`` runs from the first start to the last end over all stages. ``stages``
+    defaults to the number of distinct stages in ``intervals``.
+    """
+    if not intervals:
+        raise ValueError("no intervals to measure")
+    stages = len({i.stage for i in intervals}) if stages is None else stages
+    makespan = max(i.end for i in intervals) - min(i.start for i in intervals)
+    busy = sum(i.end - i.start for i in intervals)
+    return 1.0 - busy / (stages * makespan)
+
+
+def schedule_bubble(kind: str, stages: int, microbatches: int) -> float:
+    """Idle fraction of the unit-time :func:`schedule` (equals :func:`bubble_fraction` for gpipe/1f1b)."""
+    return measured_bubble(as_intervals(schedule(kind, stages, microbatches)), stages)
+
+
+def peak_in_flight(kind: str, stages: int, microbatches: int) -> list[int]:
+    """Per stage, the most micro-batches whose activations are held at once (forward done, backward not).
+
+    GPipe holds all ``M`` on every stage; 1F1B holds at most ``P - s`` on stage ``s``: the
+    same bubble for much less activation memory.
+    """
+    peaks = []
+    for s in range(stages):
+        held = peak = 0
+        for op, _ in stage_program(kind, stages, microbatches, s):
+            held += 1 if op == "F" else -1
+            peak = max(peak, held)
+        peaks.append(peak)
+    return peaks
+
+
+# ------------------------------------------------------------------ the stage module
+
+
+class GPTStage(nn.Module):
+    """The part of a :class:`~course_lib.model.GPT` that one pipeline stage owns.
+
+    Blocks ``layers`` (kept under their original names, ``blocks.<i>``); stage 0 also owns the
+    embeddings and runs ``GPT.embed``; the last stage owns the final norm and the head and runs
+    ``GPT.head``. The head is tied to the token embedding, so with several stages the first and
+    last stage each hold a copy of that matrix and must add their gradients
+    (:func:`sync_tied_grads`).
+    """
+
+    def __init__(self, model: GPT, layers: range, first: bool, last: bool) -> None:
+        super().__init__()
+        self.config = model.config
+        self.first, self.last = first, last
+        self.blocks = nn.ModuleDict({str(i): model.blocks[i] for i in layers})
+        if first:
+            self.wte, self.wpe, self.drop = model.wte, model.wpe, model.drop
+        if last:
+            self.ln_f, self.lm_head = model.ln_f, model.lm_head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Token ids (stage 0) or hidden states in; hidden states or logits (last stage) out."""
+        if self.first:
+            x = GPT.embed(self, x)  # the model's own code: this stage has the modules it uses
+        for block in self.blocks.values():
+            x = block(x)
+        return GPT.head(self, x) if self.last else x
+
+    def model_named_parameters(self) -> dict[str, nn.Parameter]:
+        """This stage's parameters under their names in the unsplit model."""
+        return {("wte.weight" if n == "lm_head.weight" else n): p for n, p in self.named_parameters()}
+
+
+def build_stage(model: GPT, stage: int, n_stages: int) -> GPTStage:
+    """The :class:`GPTStage` for ``stage`` of ``n_stages`` (layers from :func:`partition_layers`)."""
+    layers = partition_layers(model.config.n_layer, n_stages)[stage]
+    return GPTStage(model, layers, first=stage == 0, last=stage == n_stages - 1)
+
+
+def sync_tied_grads(stage: GPTStage, n_stages: int, group: Any) -> None:
+    """Add the tied embedding/head gradients of the first and last stage (both end up with the sum).
+
+    ``group`` is a process group holding ranks ``0`` and ``n_stages - 1`` (made with
+    ``dist.new_group``, which every rank must call); ``None`` when there is one stage.
+    """
+    if n_stages == 1 or not (stage.first or stage.last):
+        return
+    weight = stage.wte.weight if stage.first else stage.lm_head.weight
+    dist.all_reduce(weight.grad, group=group)
+
+
+def _summed_loss(logits: torch.Tensor, labels: torch.Tensor, n_real: int) -> torch.Tensor:
+    # summed token loss over the micro-batch / real tokens in the WHOLE batch: the micro-batch
+    # losses then add up to the full batch's mean loss, and so do their gradients
+    return lm_loss(logits, labels, reduction="sum") / n_real
+
+
+# ------------------------------------------------------------------ hand-written pipeline
+
+
+def run_schedule(
+    stage: GPTStage, kind: str, n_stages: int, rank: int, microbatches: int,
+    input_ids: torch.Tensor | None, labels: torch.Tensor | None, n_real: int, micro_shape: tuple[int, int],
+) -> tuple[float | None, list[Interval], int]:
+    """Run one training step of the pipeline on this rank (stage ``rank``) with ``send``/``recv``.
+
+    Stage 0 gets ``input_ids`` (the whole batch), the last stage ``labels``; both are cut into
+    ``microbatches`` equal micro-batches of ``micro_shape`` = (rows, seq_len), which every
+    stage must know to receive hidden states of shape (rows, seq_len, n_embd); ``n_real`` is
+    the number of real (not -100) labels in the whole batch. Activations go forward with ``isend``/``recv``,
+    their gradients come back the same way. Sends never block, so the schedule's order alone
+    decides who waits.
+
+    Returns ``(loss, intervals, peak)``: the full-batch mean loss on the last stage (``None``
+    elsewhere), the compute intervals of this stage (seconds since a common barrier; waiting
+    for a ``recv`` is not counted), and the most micro-batches whose activations it held at once.
+    """
+    device = next(stage.parameters()).device
+    first, last = rank == 0, rank == n_stages - 1
+    ids = input_ids.chunk(microbatches) if first else None
+    targets = labels.chunk(microbatches) if last else None
+    shape = (*micro_shape, stage.config.n_embd)
+    inputs: dict[int, torch.Tensor] = {}
+    outputs: dict[int, torch.Tensor] = {}
+    pending: list[Any] = []
+    intervals: list[Interval] = []
+    loss_total = 0.0
+    peak = 0
+    dist.barrier()
+    t0 = time.perf_counter()
+    for op, m in stage_program(kind, n_stages, microbatches, rank):
+        if op == "F":
+            if first:
+                x = ids[m].to(device)
+            else:
+                x = torch.empty(shape, device=device)
+                dist.recv(x, src=rank - 1)
+                x.requires_grad_()
+            start = time.perf_counter()
+            y = stage(x)
+            if last:
+                y = _summed_loss(y, targets[m].to(device), n_real)
+                loss_total += y.item()
+            intervals.append(Interval(rank, start - t0, time.perf_counter() - t0, "F", m))
+            if not last:
+                pending.append(dist.isend(y.detach(), dst=rank + 1))
+            inputs[m], outputs[m] = x, y
+            peak = max(peak, len(outputs))
+        else:
+            x, y = inputs.pop(m), outputs.pop(m)
+            grad = None
+            if not last:
+                grad = torch.empty_like(y)
+                dist.recv(grad, src=rank + 1)
+            start = time.perf_counter()
+            y.backward(grad)
+            intervals.append(Interval(rank, start - t0, time.perf_counter() - t0, "B", m))
+            if not first:
+                pending.append(dist.isend(x.grad, dst=rank - 1))
+    for work in pending:
+        work.wait()
+    return (loss_total if last else None), intervals, peak
+
+
+def _step_result(stage: GPTStage, loss: float | None) -> dict[str, Any]:
+    return {
+        "loss": loss,
+        "grads": {n: p.grad.detach().cpu().clone() for n, p in stage.model_named_parameters().items()},
+    }
+
+
+def _setup(rank: int, world_size: int, config: GPTConfig, state: dict[str, torch.Tensor]) -> tuple[GPTStage, Any]:
+    model = GPT(config)
+    model.load_state_dict(state)
+    # every rank must take part in creating a group, even those outside it
+    tied_group = dist.new_group([0, world_size - 1]) if world_size > 1 else None
+    return build_stage(model, rank, world_size), tied_group
+
+
+def pipeline_worker(
+    rank: int, world_size: int, config: GPTConfig, state: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
+    microbatches: int, kind: str = "1f1b",
+) -> dict[str, Any]:
+    """A :func:`~course_lib.distributed.launch.spawn` worker: one hand-written pipeline step.
+
+    Rank ``r`` is stage ``r``. Returns the stage's ``layers``, ``loss`` (last stage), gradients
+    under the unsplit model's names, the measured ``intervals`` and the ``peak`` number of
+    micro-batches whose activations were held at once.
+    """
+    stage, tied_group = _setup(rank, world_size, config, state)
+    ids, labels = batch["input_ids"], batch["labels"]
+    if ids.shape[0] % microbatches:
+        raise ValueError(f"a batch of {ids.shape[0]} rows does not split into {microbatches} equal micro-batches")
+    n_real = int((labels != IGNORE_INDEX).sum())
+    micro_shape = (ids.shape[0] // microbatches, ids.shape[1])
+    loss, intervals, peak = run_schedule(stage, kind, world_size, rank, microbatches, ids, labels, n_real, micro_shape)
+    sync_tied_grads(stage, world_size, tied_group)
+    result = _step_result(stage, loss)
+    result.update(layers=list(partition_layers(config.n_layer, world_size)[rank]), intervals=intervals, peak=peak)
+    return result
+
+
+# ------------------------------------------------------------------ torch.distributed.pipelining
+
+
+def torch_pipeline_step(
+    stage: GPTStage, rank: int, n_stages: int, microbatches: int, kind: str,
+    input_ids: torch.Tensor, labels: torch.Tensor,
+) -> float | None:
+    """One training step through ``torch.distributed.pipelining`` (``ScheduleGPipe`` or ``Schedule1F1B``).
+
+    The library does what :func:`run_schedule` does by hand: it splits the batch into
+    micro-batches, sends activations and gradients between stages and runs the schedule.
+    Each micro-batch's loss is its summed token loss over the batch's real-token count, and
+    ``scale_grads=False``, so the gradients are those of the full-batch mean loss. Returns
+    that loss on the last stage.
+    """
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+    schedules = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+    if kind not in schedules:
+        raise ValueError(f"torch pipelining schedule must be one of {sorted(schedules)}, got {kind!r}")
+    device = next(stage.parameters()).device
+    n_real = int((labels != IGNORE_INDEX).sum())
+    pipe_stage = PipelineStage(stage, rank, n_stages, device)
+    runner = schedules[kind](pipe_stage, microbatches, loss_fn=partial(_summed_loss, n_real=n_real),
+                             scale_grads=False)
+    if rank == 0:
+        runner.step(input_ids.to(device))
+    elif rank == n_stages - 1:
+        losses: list[torch.Tensor] = []
+        runner.step(target=labels.to(device), losses=losses)
+        return float(sum(loss.item() for loss in losses))
+    else:
+        runner.step()
+    return None
+
+
+def torch_pipeline_worker(
+    rank: int, world_size: int, config: GPTConfig, state: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
+    microbatches: int, kind: str = "1f1b",
+) -> dict[str, Any]:
+    """A :func:`~course_lib.distributed.launch.spawn` worker: one step via ``torch.distributed.pipelining``."""
+    stage, tied_group = _setup(rank, world_size, config, state)
+    loss = torch_pipeline_step(stage, rank, world_size, microbatches, kind, batch["input_ids"], batch["labels"])
+    sync_tied_grads(stage, world_size, tied_group)
+    return _step_result(stage, loss)
