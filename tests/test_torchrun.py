@@ -21,8 +21,7 @@ import pytest
 import torch
 
 from course_lib.checkpoint import latest_checkpoint, load_checkpoint
-
-pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+from course_lib.distributed.faults import maybe_inject_fault
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -128,6 +127,18 @@ def runs(tmp_path_factory) -> dict[str, Run]:
     return _run_at_once(commands, root)
 
 
+def test_fault_injection_fires_only_when_asked(monkeypatch):
+    """Every case below must return (a wrong one would SIGKILL the test process itself)."""
+    maybe_inject_fault(4, 1)  # nothing asked
+    monkeypatch.setenv("COURSE_FAULT_INJECT_STEP", "4")
+    maybe_inject_fault(3, 1)  # another step
+    maybe_inject_fault(4, 0)  # another rank (the default is rank 1)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    maybe_inject_fault(4, 1)  # already restarted once
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_torchrun_trains_with_ddp_on_the_right_ranks(runs):
     text = runs["reference"].check()
     for rank in (0, 1):
@@ -135,6 +146,8 @@ def test_torchrun_trains_with_ddp_on_the_right_ranks(runs):
     assert [s for s, _ in _losses(runs["reference"].out)] == list(range(1, STEPS + 1))
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_a_killed_worker_is_restarted_and_the_run_ends_bitwise_equal(runs):
     text = runs["faulty"].check()
     assert "exitcode: -9" in text, "the worker was not killed:\n" + text[-3000:]
@@ -144,6 +157,8 @@ def test_a_killed_worker_is_restarted_and_the_run_ends_bitwise_equal(runs):
     assert _losses(runs["faulty"].out) == _losses(runs["reference"].out)
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_two_nodes_on_one_machine_match_the_single_node_run(runs):
     texts = [runs["node0"].check(), runs["node1"].check()]
     # one worker per node: global ranks 0 and 1, each with local rank 0 (the GPU index on its node)
