@@ -94,3 +94,64 @@ def memory_calculator_widget(
     box = widgets.VBox([widgets.HBox([params, opt, prec, gpu]), result])
     box.add_class("memory-calculator")
     return box
+
+
+def pipeline_summary_html(kind: str, stages: int, microbatches: int) -> str:
+    """The schedule explorer's numbers as HTML: predicted and scheduled bubble, activations held.
+
+    Computed by :func:`course_lib.distributed.pipeline.bubble_fraction`,
+    :func:`~course_lib.distributed.pipeline.schedule_bubble` and
+    :func:`~course_lib.distributed.pipeline.peak_in_flight`.
+    """
+    from course_lib.distributed.pipeline import bubble_fraction, peak_in_flight, schedule, schedule_bubble
+
+    makespan = max(e.t for e in schedule(kind, stages, microbatches)) + 1
+    formula = bubble_fraction(stages, microbatches)
+    predicted = (stages - 1) / stages if kind == "naive" else formula
+    return (
+        f"<p><b>{html.escape(kind)}</b>, {stages} stage(s), {microbatches} micro-batch(es): "
+        f"{makespan} time slots; idle fraction <b class='pipeline-bubble'>{schedule_bubble(kind, stages, microbatches):.3f}</b> "
+        f"(predicted {predicted:.3f}; GPipe/1F1B formula (P-1)/(M+P-1) = {formula:.3f}).<br>"
+        f"Micro-batches whose activations each stage holds at most: "
+        f"<span class='pipeline-peak'>{peak_in_flight(kind, stages, microbatches)}</span></p>"
+    )
+
+
+def pipeline_schedule_widget(stages: int = 4, microbatches: int = 8, kind: str = "1f1b") -> widgets.VBox:
+    """Pipeline schedule explorer: stages, micro-batches and schedule in; timeline and bubble out.
+
+    The timeline is :func:`course_lib.plots.plot_pipeline_timeline` of
+    :func:`course_lib.distributed.pipeline.schedule`; the numbers (CSS class
+    ``pipeline-result``) come from :func:`pipeline_summary_html`.
+    """
+    import matplotlib.pyplot as plt
+
+    from course_lib.distributed.pipeline import KINDS, as_intervals, schedule
+    from course_lib.plots import plot_pipeline_timeline
+
+    stage_slider = widgets.IntSlider(value=stages, min=1, max=8, description="Stages (P)")
+    stage_slider.add_class("pipeline-stages")
+    micro_slider = widgets.IntSlider(value=microbatches, min=1, max=16, description="Micro-batches (M)",
+                                     style={"description_width": "initial"})
+    micro_slider.add_class("pipeline-microbatches")
+    kind_menu = widgets.Dropdown(options=list(KINDS), value=kind, description="Schedule")
+    kind_menu.add_class("pipeline-kind")
+    result = widgets.HTML()
+    result.add_class("pipeline-result")
+    plot = widgets.Output()
+
+    def update(_change: object = None) -> None:
+        k, p, m = kind_menu.value, stage_slider.value, micro_slider.value
+        result.value = pipeline_summary_html(k, p, m)
+        plot.clear_output(wait=True)
+        with plot:
+            ax = plot_pipeline_timeline(as_intervals(schedule(k, p, m)), p, title=f"{k}: P={p}, M={m}")
+            plt.show()
+            plt.close(ax.figure)
+
+    for control in (stage_slider, micro_slider, kind_menu):
+        control.observe(update, names="value")
+    update()
+    box = widgets.VBox([widgets.HBox([kind_menu, stage_slider, micro_slider]), result, plot])
+    box.add_class("pipeline-explorer")
+    return box

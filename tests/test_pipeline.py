@@ -143,3 +143,20 @@ def test_pipelines_give_the_unsplit_models_loss_and_gradients(stages, n_layer):
         intervals = [i for r in out for i in r[kind]["intervals"]]
         assert len(intervals) == 2 * stages * MICRO
         assert 0.0 <= pp.measured_bubble(intervals, stages) < 1.0
+
+
+def test_schedule_explorer_widget_shows_the_tested_numbers():
+    pytest.importorskip("ipywidgets")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from course_lib.widgets import pipeline_schedule_widget, pipeline_summary_html
+
+    box = pipeline_schedule_widget(stages=4, microbatches=8, kind="1f1b")
+    controls, result = box.children[0].children, box.children[1]
+    assert "class='pipeline-bubble'>0.273<" in result.value  # 3 / 11, independent of the code
+    assert "[4, 3, 2, 1]" in result.value
+    controls[0].value = "gpipe"
+    controls[2].value = 1
+    assert "class='pipeline-bubble'>0.750<" in result.value  # one micro-batch: 3 of 4 stages idle
+    assert result.value == pipeline_summary_html("gpipe", 4, 1)
