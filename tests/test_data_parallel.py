@@ -43,6 +43,8 @@ def _all_checks(rank: int, world_size: int, state, batch, batches, train_config)
         "plain": dp.ddp_gradients_worker(rank, world_size, CONFIG, state, batch, grad_accum=1),
         "accum": dp.ddp_gradients_worker(rank, world_size, CONFIG, state, batch, grad_accum=2),
         "train": dp.ddp_train_worker(rank, world_size, CONFIG, state, batches, train_config),
+        "sampler": dp.sampler_worker(rank, world_size, 10, 2),
+        "no_set_epoch": dp.sampler_worker(rank, world_size, 10, 2, call_set_epoch=False),
     }
 
 
@@ -68,6 +70,11 @@ def test_ddp_matches_one_process_on_the_full_batch(world_size):
         assert result["accum"]["allreduce_calls"] == result["plain"]["allreduce_calls"] >= 1
     # rank 0's own loss is one shard's loss, not the batch's: the tutorial's printed number
     assert abs(out[0]["plain"]["local_loss"] - ref_loss) > 1e-4
+
+    # the real DataLoader + DistributedSampler reads what rank_indices predicts, epoch by epoch
+    for epoch in range(2):
+        assert [r["sampler"][epoch] for r in out] == dp.rank_indices(10, world_size, epoch)
+        assert [r["no_set_epoch"][epoch] for r in out] == dp.rank_indices(10, world_size, 0)
 
     model = GPT(CONFIG)
     model.load_state_dict(state)

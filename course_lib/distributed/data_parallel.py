@@ -278,6 +278,22 @@ def ddp_gradients_worker(
     }
 
 
+def sampler_worker(rank: int, world_size: int, n: int, epochs: int, call_set_epoch: bool = True,
+                   seed: int = 0) -> list[list[int]]:
+    """The sample indices this rank's :func:`make_loader` yields in each epoch (batch size 1).
+
+    With ``call_set_epoch=False`` the loop forgets ``sampler.set_epoch(epoch)``, as the
+    tutorial's loop would if it were missing: every epoch then repeats epoch 0's order.
+    """
+    loader, sampler = make_loader(list(range(n)), batch_size=1, seed=seed)
+    seen = []
+    for epoch in range(epochs):
+        if call_set_epoch:
+            sampler.set_epoch(epoch)
+        seen.append([int(x) for batch in loader for x in batch])
+    return seen
+
+
 def ddp_train_worker(
     rank: int, world_size: int, config: GPTConfig, state: Mapping[str, torch.Tensor],
     global_batches: Sequence[Batch], train_config: TrainConfig,
