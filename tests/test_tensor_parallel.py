@@ -35,6 +35,8 @@ def test_uneven_splits_are_refused_with_the_fix(fake_group):
         tp.ColumnParallelLinear(torch.nn.Linear(4, 8))
     with pytest.raises(ValueError, match="4 attention heads cannot be split evenly over 3"):
         tp.shard_attention(Block(CONFIG).attn)
+    with pytest.raises(ValueError, match="4 attention heads cannot be split evenly over a mesh of 3"):
+        tp.parallelize_block(Block(CONFIG))
     with pytest.raises(TypeError, match="must be an nn.Linear"):
         mlp = Block(CONFIG).mlp
         mlp.fc_in = torch.nn.Identity()
