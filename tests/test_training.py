@@ -205,3 +205,80 @@ def test_eval_data_must_be_reiterable():
     with pytest.raises(ValueError, match="re-iterable"):
         train(_model(), [_padded_batch([4])], TrainConfig(steps=1, progress=False),
               eval_data=iter([_padded_batch([4])]))
+
+
+# ------------------------------------------------------------------ distributed (2 gloo ranks)
+
+
+class _Interleave:
+    """One process seeing both ranks' batches: rank 0's, then rank 1's, then rank 0's, ..."""
+
+    def __init__(self, streams):
+        self.streams = streams
+
+    def __iter__(self):
+        while True:
+            for s in self.streams:
+                yield next(s)
+
+
+def _ddp_accumulate(rank, world_size, micro):
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = _model()
+    loss = accumulate_gradients(DistributedDataParallel(model), micro[rank::world_size])
+    return loss, _grads(model)
+
+
+@pytest.mark.distributed
+def test_ddp_accumulation_equals_the_single_process_full_batch():
+    from course_lib.distributed.launch import spawn
+
+    # 4 micro-batches of different real lengths; rank r gets micro[r::2] (so 2 micro-steps, one no_sync)
+    micro = [_padded_batch([16, 2], seed=1), _padded_batch([5], seed=2), _padded_batch([1, 1, 1], seed=3),
+             _padded_batch([16, 16], seed=4)]
+    reference = _model()
+    expected_loss = accumulate_gradients(reference, micro)
+    for loss, grads in spawn(_ddp_accumulate, 2, micro, timeout_s=180):
+        assert loss == pytest.approx(expected_loss, rel=1e-6)  # the logged loss is the global mean
+        for name, g in _grads(reference).items():
+            torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _ddp_train(rank, world_size, out_dir, steps, resume):
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = _model()
+    cfg = TrainConfig(steps=steps, lr=3e-3, warmup_steps=1, checkpoint_every=2, keep_checkpoints=5,
+                      out_dir=out_dir, progress=False, seed=7)
+    result = train(DistributedDataParallel(model), RandomWindowBatches(_stream(), 16, 2, seed=rank), cfg,
+                   resume=resume)
+    return result.values("loss"), [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_ddp_training_equals_one_process_and_resumes_each_ranks_stream(tmp_path):
+    from course_lib.distributed.launch import spawn
+
+    full = spawn(_ddp_train, 2, str(tmp_path / "ddp"), 4, False, timeout_s=240)
+    (losses0, params0), (losses1, params1) = full
+    assert losses0 == losses1  # every rank logs the same global loss
+    assert all(torch.equal(a, b) for a, b in zip(params0, params1))
+
+    # one process with grad_accum=2 over both ranks' batches takes the same steps
+    single = _model()
+    cfg = TrainConfig(steps=4, lr=3e-3, warmup_steps=1, grad_accum=2, progress=False, seed=7)
+    reference = train(single, _Interleave([iter(RandomWindowBatches(_stream(), 16, 2, seed=r)) for r in (0, 1)]), cfg)
+    assert losses0 == pytest.approx(reference.values("loss"), rel=1e-5)
+    for a, b in zip(params0, single.parameters()):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-4, atol=1e-5)
+
+    # only rank 0 wrote checkpoints, holding both ranks' data positions
+    state = load_checkpoint(tmp_path / "ddp" / "ckpt_00000002.pt")
+    assert [d["seed"] for d in state["data"]] == [0, 1] and len(state["rng"]) == 2
+
+    resumed = spawn(_ddp_train, 2, str(tmp_path / "ddp"), 4, str(tmp_path / "ddp" / "ckpt_00000002.pt"),
+                    timeout_s=240)
+    assert resumed[0][0] == losses0[2:]  # bitwise
+    assert all(torch.equal(a, b) for a, b in zip(resumed[0][1], params0))
