@@ -28,7 +28,7 @@ $(STAMP): requirements.txt pyproject.toml
 
 ## Learners: start JupyterLab on the lessons
 lab: venv
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
+	JUPYTER_CONFIG_PATH=$(CURDIR)/binder $(VENV)/bin/jupyter lab --notebook-dir=notebooks
 
 doctor: venv
 	$(PY) -m course_lib doctor
@@ -43,6 +43,10 @@ test-fast: venv
 
 test-notebooks: venv
 	$(PYTEST) -q -m notebooks tests
+
+## Headless Chromium against the lab: notebook 00 runs, its calculator responds (needs /usr/bin/chromium)
+test-browser: venv
+	$(PYTEST) -q -rs -m browser tests/test_browser.py
 
 ## Re-execute every lesson notebook in place (commits their outputs)
 course: venv
