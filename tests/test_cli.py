@@ -171,3 +171,21 @@ def test_resume_after_a_real_sigkill_continues_the_same_run(tmp_path):
     assert [r["step"] for r in b] == list(range(1, 25))  # the lines past the checkpoint were replaced
     for key in ("loss", "grad_norm", "lr", "val_loss"):
         assert [r.get(key) for r in a] == [r.get(key) for r in b], key
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_the_same_command_under_torchrun_trains_with_ddp(tmp_path):
+    out = tmp_path / "ddp"
+    env = dict(_env(), TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "course_lib",
+         "train", "--preset", "nano", "--steps", "4", "--micro-batch", "2", "--eval-batches", "1",
+         "--checkpoint-every", "2", "--out", str(out), "--no-progress"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]  # rank 0 alone logs
+    assert records[0]["tokens"] == 2 * 2 * 32  # both ranks' real tokens: the global batch
+    assert json.loads((out / "config.json").read_text())["world_size"] == 2
+    assert len(torch.load(out / "ckpt_00000004.pt", weights_only=True)["data"]) == 2
