@@ -155,3 +155,54 @@ def pipeline_schedule_widget(stages: int = 4, microbatches: int = 8, kind: str =
     box = widgets.VBox([widgets.HBox([kind_menu, stage_slider, micro_slider]), result, plot])
     box.add_class("pipeline-explorer")
     return box
+
+
+def _si(x: float) -> str:
+    """``7.0e10`` -> ``"70.0 B"``: parameter and token counts in words a reader can compare."""
+    for value, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if x >= value:
+            return f"{x / value:,.1f} {unit}"
+    return f"{x:,.0f}"
+
+
+def compute_budget_html(log10_flops: float) -> str:
+    """The compute-budget widget's result: each law's optimal N and D for 10**log10_flops FLOPs.
+
+    Rows come from :func:`course_lib.scaling.allocation_table`; the GPU time from
+    :func:`course_lib.scaling.gpu_hours` (one H100 at 40% MFU of its 989 TFLOP/s).
+    """
+    from course_lib.scaling import allocation_table, gpu_hours
+
+    C = 10.0 ** log10_flops
+    rows = "".join(
+        f"<tr><td>{html.escape(str(r['law']))}</td><td style='text-align:right'>{_si(r['N'])}</td>"
+        f"<td style='text-align:right'>{_si(r['D'])}</td>"
+        f"<td style='text-align:right'>{r['tokens_per_param']:,.1f}</td>"
+        f"<td style='text-align:right'>{r['loss']:.3f}</td></tr>"
+        for r in allocation_table(C)
+    )
+    return (
+        f"<p>Budget <b>{C:.2e}</b> FLOPs = {gpu_hours(C):,.0f} H100-hours at 40% MFU.</p>"
+        "<table><tr><th>law</th><th>params N</th><th>tokens D</th><th>tokens/param</th>"
+        f"<th>loss (Chinchilla fit)</th></tr>{rows}</table>"
+    )
+
+
+def compute_budget_widget(log10_flops: float = 21.0) -> widgets.VBox:
+    """Compute-budget explorer: a budget in FLOPs in; each law's compute-optimal N and D out.
+
+    The result (CSS class ``scaling-result``) is :func:`compute_budget_html` of the slider.
+    """
+    slider = widgets.FloatSlider(value=log10_flops, min=15.0, max=26.0, step=0.1, description="log10 FLOPs",
+                                 style={"description_width": "initial"}, layout=widgets.Layout(width="420px"))
+    slider.add_class("scaling-budget")
+    result = widgets.HTML(value=compute_budget_html(slider.value))
+    result.add_class("scaling-result")
+
+    def update(_change: object = None) -> None:
+        result.value = compute_budget_html(slider.value)
+
+    slider.observe(update, names="value")
+    box = widgets.VBox([slider, result])
+    box.add_class("scaling-explorer")
+    return box

@@ -11,14 +11,17 @@ from course_lib.scaling import (
     KAPLAN,
     LAWS,
     PF_DAY,
+    allocation_table,
     chinchilla_loss,
     compute_frontier,
     compute_optimal,
     fit_power_law,
+    gpu_hours,
     kaplan_loss,
     kaplan_loss_compute,
     kaplan_loss_d,
     kaplan_loss_n,
+    sweep_table,
     training_flops,
 )
 
@@ -128,3 +131,57 @@ def test_compute_frontier_finds_the_best_size_per_budget():
         i = min(int(np.sum(edges <= c)) - 1, 5)
         in_bin = [loss[j] for j in range(N.size) if edges[i] <= all_C[j] and (all_C[j] < edges[i + 1] or i == 5)]
         assert l == min(in_bin)
+
+
+def test_allocation_table_and_gpu_hours():
+    rows = allocation_table(1e21)
+    assert [r["law"] for r in rows] == list(LAWS)
+    for r in rows:
+        assert (r["N"], r["D"]) == pytest.approx(compute_optimal(1e21, r["law"]))
+        assert r["loss"] == pytest.approx(chinchilla_loss(r["N"], r["D"]))
+    # the published approach-3 split is, by construction, the lowest loss on its own surface
+    assert min(rows, key=lambda r: r["loss"])["law"] == "chinchilla"
+    # 989 TFLOP/s at 40% for one hour is 1.424e18 FLOPs
+    assert gpu_hours(989e12 * 0.4 * 3600) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="mfu"):
+        gpu_hours(1e20, mfu=1.5)
+
+
+def test_compute_budget_widget_shows_the_pure_functions_numbers():
+    widgets = pytest.importorskip("course_lib.widgets")
+    text = widgets.compute_budget_html(23.0)
+    N, D = compute_optimal(1e23, "rule_of_thumb")
+    assert widgets._si(N) in text and widgets._si(D) in text
+    assert f"{gpu_hours(1e23):,.0f} H100-hours" in text
+    box = widgets.compute_budget_widget(21.0)
+    slider, result = box.children
+    assert result.value == widgets.compute_budget_html(21.0)
+    slider.value = 24.0
+    assert result.value == widgets.compute_budget_html(24.0)
+    assert widgets._si(7e10) == "70.0 B" and widgets._si(512) == "512"
+
+
+def test_sweep_table_flattens_runs():
+    runs = [{"params": 10, "params_non_embedding": 8, "points": [{"tokens": 100, "val_loss": 3.0},
+                                                                   {"tokens": 200, "val_loss": 2.5}]},
+            {"params": 40, "params_non_embedding": 30, "points": [{"tokens": 100, "val_loss": 2.8}]}]
+    N, D, L = sweep_table(runs)
+    assert N.tolist() == [10, 10, 40] and D.tolist() == [100, 200, 100] and L.tolist() == [3.0, 2.5, 2.8]
+    assert sweep_table(runs, non_embedding=True)[0].tolist() == [8, 8, 30]
+    with pytest.raises(ValueError, match="no evaluation points"):
+        sweep_table([])
+
+
+@pytest.mark.slow
+def test_sweep_point_trains_and_reports_a_validation_curve():
+    from course_lib.model import GPT, GPTConfig
+    from course_lib.scaling import SweepSize, sweep_point
+
+    run = sweep_point(SweepSize(1, 16, 2), steps=30, eval_every=10, batch_size=8, block_size=32, threads=None)
+    assert [p["step"] for p in run["points"]] == [10, 20, 30]
+    assert [p["tokens"] for p in run["points"]] == [10 * 8 * 32, 20 * 8 * 32, 30 * 8 * 32]
+    losses = [p["val_loss"] for p in run["points"]]
+    assert losses[-1] < losses[0]  # it learns
+    vocab = run["params"] - run["params_non_embedding"] - 32 * 16  # embedding rows = vocabulary size
+    model = GPT(GPTConfig(vocab_size=vocab // 16, block_size=32, n_layer=1, n_embd=16, n_head=2))
+    assert model.num_params() == run["params"]
