@@ -303,6 +303,7 @@ def test_padding_waste_by_hand():
     lengths = [1, 2, 3, 4]
     assert padding_waste([[0, 3], [1, 2]], lengths) == pytest.approx(1 - 10 / 14)
     assert padding_waste([[0], [1], [2], [3]], lengths) == 0.0
+    assert padding_waste([torch.tensor([0, 3]), torch.tensor([1, 2])], lengths) == pytest.approx(1 - 10 / 14)
 
 
 def test_dynamic_batches_respect_the_budget_and_cover_every_index_once():

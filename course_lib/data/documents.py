@@ -200,7 +200,7 @@ def padding_waste(batches: Sequence[Sequence[int]], lengths: Sequence[int]) -> f
     for batch in batches:
         if len(batch) == 0:
             raise ValueError("padding_waste got an empty batch")
-        batch_lengths = lengths_t[list(batch)]
+        batch_lengths = lengths_t[torch.tensor([int(i) for i in batch], dtype=torch.long)]
         real += int(batch_lengths.sum())
         slots += len(batch) * int(batch_lengths.max())
     if slots == 0:
