@@ -102,7 +102,7 @@ def test_bpe_tokenizer_round_trips_exactly_and_compresses(tmp_path):
     tok = train_bpe_tokenizer(train_text, vocab_size=600)
     assert tok.vocab_size == 600 and (tok.pad_id, tok.eos_id) == (0, 1)
     # exact round trip, also on text it never saw (another domain, unicode, odd spacing)
-    for text in (train_text[:3000], load_corpus("python_docs")[:3000], "  naïve café — 東京\t\n\n x"):
+    for text in (train_text[:3000], load_corpus("python_docs")[:3000], "  naïve café — 東京\t\n\n x", "a <eos> b <pad>"):
         ids = tok.encode(text)
         assert tok.decode(ids) == text
         assert tok.decode([tok.eos_id, *ids, tok.pad_id]) == text
@@ -112,6 +112,7 @@ def test_bpe_tokenizer_round_trips_exactly_and_compresses(tmp_path):
     tok.save(path)
     again = load_tokenizer(path)
     assert type(again) is type(tok) and again.encode(train_text[:3000]) == tok.encode(train_text[:3000])
+    assert again.decode(again.encode("x <eos> y")) == "x <eos> y"
     with pytest.raises(ValueError, match="at least 258"):
         train_bpe_tokenizer(train_text, vocab_size=100)
 

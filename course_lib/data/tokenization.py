@@ -107,7 +107,7 @@ class BPETokenizer:
     """A byte-level BPE tokeniser (a ``tokenizers.Tokenizer``) with the CharTokenizer interface.
 
     Byte-level means every string can be encoded (no unknown characters) and decoding
-    round-trips exactly. Build one with :func:`train_bpe_tokenizer`.
+    round-trips exactly, even for text that spells a special token such as ``"<eos>"``. Build one with :func:`train_bpe_tokenizer`.
     """
 
     pad_id = 0
@@ -117,6 +117,9 @@ class BPETokenizer:
         for token, expected in zip(SPECIALS, (self.pad_id, self.eos_id), strict=True):
             if tokenizer.token_to_id(token) != expected:
                 raise ValueError(f"the tokenizer must map {token} to id {expected}")
+        # The text "<eos>" in a document is text, not the special token: encode it as bytes,
+        # so decoding round-trips every string (the flag is not saved, so it is set here).
+        tokenizer.encode_special_tokens = True
         self.tokenizer = tokenizer
 
     @property
