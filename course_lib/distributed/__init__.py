@@ -12,6 +12,7 @@ from course_lib.distributed.launch import (
     init_from_env,
     is_distributed,
     is_main_process,
+    rank_device,
     spawn,
 )
 
@@ -23,5 +24,6 @@ __all__ = [
     "init_from_env",
     "is_distributed",
     "is_main_process",
+    "rank_device",
     "spawn",
 ]

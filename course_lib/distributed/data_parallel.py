@@ -32,17 +32,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+from course_lib.distributed.launch import rank_device
 from course_lib.model import GPT, IGNORE_INDEX, GPTConfig
 from course_lib.training import TrainConfig, accumulate_gradients, train
 
 Batch = Mapping[str, torch.Tensor]
-
-
-def rank_device() -> torch.device:
-    """This rank's device: ``cuda:LOCAL_RANK`` under nccl, else the CPU."""
-    if dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def wrap_ddp(model: nn.Module, device: torch.device | None = None, **ddp_kwargs: Any) -> DistributedDataParallel:

@@ -324,6 +324,13 @@ def get_world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
+def rank_device() -> torch.device:
+    """This rank's device: its GPU (``cuda:LOCAL_RANK``, set at start-up) under nccl, else the CPU."""
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def is_main_process() -> bool:
     """True on rank 0 (or in a single process): the one that prints, logs and saves."""
     return get_rank() == 0

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from course_lib.distributed.launch import rank_device
 from course_lib.model import GPT, IGNORE_INDEX, GPTConfig, lm_loss
 
 KINDS = ("naive", "gpipe", "1f1b")
@@ -356,7 +357,7 @@ def _setup(rank: int, world_size: int, config: GPTConfig, state: dict[str, torch
     model.load_state_dict(state)
     # every rank must take part in creating a group, even those outside it
     tied_group = dist.new_group([0, world_size - 1]) if world_size > 1 else None
-    return build_stage(model, rank, world_size), tied_group
+    return build_stage(model, rank, world_size).to(rank_device()), tied_group
 
 
 def pipeline_worker(
@@ -380,6 +381,36 @@ def pipeline_worker(
     result = _step_result(stage, loss)
     result.update(layers=list(partition_layers(config.n_layer, world_size)[rank]), intervals=intervals, peak=peak)
     return result
+
+
+def bubble_sweep_worker(
+    rank: int, world_size: int, config: GPTConfig, state: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
+    runs: Sequence[tuple[str, int]], repeats: int = 3,
+) -> dict[tuple[str, int], list[Interval]]:
+    """Time several ``(kind, microbatches)`` pipeline steps in one process group.
+
+    One untimed warm-up step first (the first step pays one-off costs), then each run
+    ``repeats`` times; for each run this rank returns the intervals of the repeat with the
+    shortest step (the least disturbed by other programs on the machine: the same repeat
+    index on every rank).
+    """
+    stage, _ = _setup(rank, world_size, config, state)
+    ids, labels = batch["input_ids"], batch["labels"]
+    n_real = int((labels != IGNORE_INDEX).sum())
+
+    def step(kind: str, m: int) -> list[Interval]:
+        stage.zero_grad(set_to_none=True)
+        return run_schedule(stage, kind, world_size, rank, m, ids, labels, n_real,
+                            (ids.shape[0] // m, ids.shape[1]))[1]
+
+    step(*runs[0])
+    out = {}
+    for kind, m in runs:
+        tries = [step(kind, m) for _ in range(repeats)]
+        ends = torch.tensor([max(i.end for i in t) for t in tries])
+        dist.all_reduce(ends, op=dist.ReduceOp.MAX)  # the step ends when its slowest stage does
+        out[(kind, m)] = tries[int(ends.argmin())]
+    return out
 
 
 # ------------------------------------------------------------------ torch.distributed.pipelining
