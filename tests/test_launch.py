@@ -31,6 +31,7 @@ def _report(rank: int, world_size: int, scale: float) -> dict:
         "threads": torch.get_num_threads(),
         "helpers": (launch.is_distributed(), launch.get_rank(), launch.get_world_size()),
         "local_rank": int(os.environ["LOCAL_RANK"]),
+        "device": launch.rank_device(),
     }
 
 
@@ -70,6 +71,7 @@ def test_results_come_back_in_rank_order_with_one_thread_per_rank():
         assert r["threads"] == 1
         assert r["helpers"] == (True, r["rank"], 2)
         assert r["local_rank"] == r["rank"]
+        assert r["device"] == torch.device("cpu")
 
 
 @pytest.mark.distributed

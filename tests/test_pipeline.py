@@ -119,6 +119,7 @@ def _all_pipelines(rank: int, world_size: int, config, state, batch) -> dict:
     out = {kind: pp.pipeline_worker(rank, world_size, config, state, batch, MICRO, kind) for kind in pp.KINDS}
     for kind in ("gpipe", "1f1b"):
         out[f"torch-{kind}"] = pp.torch_pipeline_worker(rank, world_size, config, state, batch, MICRO, kind)
+    out["sweep"] = pp.bubble_sweep_worker(rank, world_size, config, state, batch, [("naive", 1), ("gpipe", 2)], 2)
     return out
 
 
@@ -143,6 +144,10 @@ def test_pipelines_give_the_unsplit_models_loss_and_gradients(stages, n_layer):
         intervals = [i for r in out for i in r[kind]["intervals"]]
         assert len(intervals) == 2 * stages * MICRO
         assert 0.0 <= pp.measured_bubble(intervals, stages) < 1.0
+    sweep = {run: [i for r in out for i in r["sweep"][run]] for run in [("naive", 1), ("gpipe", 2)]}
+    assert len(sweep[("gpipe", 2)]) == 2 * stages * 2
+    # naive: the dependencies let only one stage compute at a time, so at least (P-1)/P is idle
+    assert pp.measured_bubble(sweep[("naive", 1)], stages) >= (stages - 1) / stages - 0.02
 
 
 def test_schedule_explorer_widget_shows_the_tested_numbers():

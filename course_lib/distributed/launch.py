@@ -302,6 +302,12 @@ def init_from_env(backend: str | None = None, timeout_s: float = 600.0) -> tuple
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
     if backend == "nccl":
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"LOCAL_RANK={local_rank} but this machine shows {torch.cuda.device_count()} GPU(s): start at "
+                "most one process per GPU (--nproc_per_node), or hide the GPUs (CUDA_VISIBLE_DEVICES=) "
+                "to train on CPU processes over gloo"
+            )
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size,
