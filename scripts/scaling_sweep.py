@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
               f"val loss {r['points'][-1]['val_loss']:.3f} after {r['points'][-1]['tokens']:,} tokens "
               f"({r['seconds']:.0f} s)")
     out = {
-        "command": "python scripts/scaling_sweep.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+        "command": " ".join(["python scripts/scaling_sweep.py", *(shlex.quote(a) for a in (argv or sys.argv[1:]))]),
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "torch": torch.__version__, "python": platform.python_version(),
         "corpus": "shakespeare", "tokenizer": "char",
