@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from torch.utils.data import DataLoader
 
 from course_lib.distributed import launch
 from course_lib.distributed.launch import WorkerFailed, spawn
@@ -32,6 +33,8 @@ def _report(rank: int, world_size: int, scale: float) -> dict:
         "helpers": (launch.is_distributed(), launch.get_rank(), launch.get_world_size()),
         "local_rank": int(os.environ["LOCAL_RANK"]),
         "device": launch.rank_device(),
+        # ranks are not daemons, so they may start DataLoader worker processes of their own
+        "loaded": [int(x) for b in DataLoader(range(4), batch_size=2, num_workers=1) for x in b],
     }
 
 
@@ -72,6 +75,7 @@ def test_results_come_back_in_rank_order_with_one_thread_per_rank():
         assert r["helpers"] == (True, r["rank"], 2)
         assert r["local_rank"] == r["rank"]
         assert r["device"] == torch.device("cpu")
+        assert r["loaded"] == [0, 1, 2, 3]
 
 
 @pytest.mark.distributed

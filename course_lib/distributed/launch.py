@@ -90,13 +90,14 @@ def _check_picklable(fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
 
 
 def _context() -> Any:
-    """The start method: a fork server that has imported torch once, where there is one.
+    """The start method: on Linux a fork server that has imported torch once, else ``spawn``.
 
-    Like ``spawn`` it starts clean processes (no inherited threads or CUDA state) that import
-    the worker function by name, but each new rank is forked from a server that already
-    imported torch, so a notebook pays torch's import time once rather than on every call.
+    Like ``spawn`` the fork server starts clean processes (no inherited threads or CUDA state)
+    that import the worker function by name, but each new rank is forked from a server that
+    already imported torch, so a notebook pays torch's import time once rather than on every
+    call. (macOS frameworks are not safe to fork, so there it is plain ``spawn``.)
     """
-    if "forkserver" in mp.get_all_start_methods():
+    if sys.platform.startswith("linux") and "forkserver" in mp.get_all_start_methods():
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(["torch", "torch.distributed", "torch._dynamo", __name__])
         return ctx
@@ -225,8 +226,7 @@ def spawn(
         ctx.Process(
             target=_worker,
             args=(rank, world_size, fn, args, backend, store.port, prefix, timeout_s, results),
-            name=f"course-rank-{rank}",
-            daemon=True,
+            name=f"course-rank-{rank}",  # not a daemon: a rank may start DataLoader workers
         )
         for rank in range(world_size)
     ]
