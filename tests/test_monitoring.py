@@ -168,3 +168,15 @@ def test_throughput_meter_counts_tokens_over_time():
     # the window holds the last three steps of >= 20 ms each: at most 100 tokens / 0.02 s
     assert 0 < rate <= 100 / 0.02
     assert rate > 100 / 0.5  # and not absurdly slow either
+
+
+def test_matmul_peak_and_datasheet_peak():
+    from course_lib.monitoring import DATASHEET_PEAK_FLOPS, datasheet_peak_flops, measure_matmul_flops
+
+    t0 = time.perf_counter()
+    peak = measure_matmul_flops("cpu", n=128, reps=3)
+    elapsed = time.perf_counter() - t0
+    # 4 products of 2 * 128^3 FLOPs each ran in `elapsed`: the best one was at least that fast
+    assert peak >= 2 * 128**3 / elapsed
+    assert datasheet_peak_flops("cpu") is None  # no datasheet for a CPU: MFU uses the measured peak
+    assert DATASHEET_PEAK_FLOPS["H100"]["bf16"] == DATASHEET_PEAK_FLOPS["H200"]["bf16"] == 989e12
