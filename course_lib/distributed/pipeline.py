@@ -290,8 +290,8 @@ def run_schedule(
     Stage 0 gets ``input_ids`` (the whole batch), the last stage ``labels``; both are cut into
     ``microbatches`` equal micro-batches of ``micro_shape`` = (rows, seq_len), which every
     stage must know to receive hidden states of shape (rows, seq_len, n_embd); ``n_real`` is
-    the number of real (not -100) labels in the whole batch. Activations go forward with ``isend``/``recv``,
-    their gradients come back the same way. Sends never block, so the schedule's order alone
+    the number of real (not -100) labels in the whole batch. Activations go forward with
+    ``isend``/``recv``, their gradients come back the same way. Sends never block, so the schedule's order alone
     decides who waits.
 
     Returns ``(loss, intervals, peak)``: the full-batch mean loss on the last stage (``None``
@@ -309,8 +309,14 @@ def run_schedule(
     intervals: list[Interval] = []
     loss_total = 0.0
     peak = 0
+
+    def now() -> float:  # on a GPU, wait for the queued kernels: time the work, not its launch
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
     dist.barrier()
-    t0 = time.perf_counter()
+    t0 = now()
     for op, m in stage_program(kind, n_stages, microbatches, rank):
         if op == "F":
             if first:
@@ -319,12 +325,12 @@ def run_schedule(
                 x = torch.empty(shape, device=device)
                 dist.recv(x, src=rank - 1)
                 x.requires_grad_()
-            start = time.perf_counter()
+            start = now()
             y = stage(x)
             if last:
                 y = _summed_loss(y, targets[m].to(device), n_real)
                 loss_total += y.item()
-            intervals.append(Interval(rank, start - t0, time.perf_counter() - t0, "F", m))
+            intervals.append(Interval(rank, start - t0, now() - t0, "F", m))
             if not last:
                 pending.append(dist.isend(y.detach(), dst=rank + 1))
             inputs[m], outputs[m] = x, y
@@ -335,9 +341,9 @@ def run_schedule(
             if not last:
                 grad = torch.empty_like(y)
                 dist.recv(grad, src=rank + 1)
-            start = time.perf_counter()
+            start = now()
             y.backward(grad)
-            intervals.append(Interval(rank, start - t0, time.perf_counter() - t0, "B", m))
+            intervals.append(Interval(rank, start - t0, now() - t0, "B", m))
             if not first:
                 pending.append(dist.isend(x.grad, dst=rank - 1))
     for work in pending:
