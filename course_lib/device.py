@@ -7,6 +7,7 @@ import os
 import platform
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -177,7 +178,7 @@ def run_checks() -> list[Check]:
     return checks
 
 
-def doctor(print_fn=print) -> bool:
+def doctor(print_fn: Callable[[str], object] = print) -> bool:
     """Print one ``[OK]``/``[FAIL]`` line per check; return True when all passed."""
     checks = run_checks()
     for c in checks:

@@ -73,6 +73,7 @@ class GPTConfig:
         return cls(vocab_size=vocab_size, **{**PRESETS[name], **overrides})
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as plain data (for JSON files and ``weights_only`` checkpoints)."""
         return asdict(self)
 
 
@@ -207,6 +208,11 @@ class GPT(nn.Module):
             raise ValueError(
                 f"labels shape {tuple(labels.shape)} must equal input_ids shape "
                 f"{tuple(input_ids.shape)} (labels[:, t] is the target of position t)"
+            )
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} must equal input_ids shape "
+                f"{tuple(input_ids.shape)} (1 on real tokens, 0 on padding)"
             )
         mask = None if attention_mask is None else padding_attention_mask(attention_mask)
         x = self.embed(input_ids)

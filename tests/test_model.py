@@ -55,6 +55,21 @@ def test_right_padding_with_attention_mask_leaves_real_positions_unchanged():
     torch.testing.assert_close(model(padded, attention_mask=mask).logits[:, :10], model(ids).logits)
 
 
+def test_masked_keys_never_reach_real_positions_with_left_padding():
+    """With left padding the causal mask alone would let real tokens see the padding."""
+    model = _model()
+    ids = torch.randint(1, 50, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[0, :5] = 0  # row 0 is left-padded by 5
+    base = model(ids, attention_mask=mask).logits
+    changed = ids.clone()
+    changed[0, :5] = (changed[0, :5] + 7) % 50  # whatever the padding holds
+    logits = model(changed, attention_mask=mask).logits
+    torch.testing.assert_close(logits[0, 5:], base[0, 5:], rtol=0, atol=1e-6)
+    assert torch.isfinite(logits).all(), "a padding query must not produce NaN"
+    assert not torch.allclose(model(changed).logits[0, 5:], model(ids).logits[0, 5:])  # unmasked: it leaks
+
+
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("preset", ["nano", "tiny", "small"])
 def test_parameter_count_equals_the_closed_form(preset, bias):
@@ -97,6 +112,8 @@ def test_bad_inputs_and_presets():
         model(torch.zeros(1, 17, dtype=torch.long))
     with pytest.raises(ValueError, match="labels shape"):
         model(torch.zeros(1, 4, dtype=torch.long), labels=torch.zeros(1, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="attention_mask shape"):
+        model(torch.zeros(2, 4, dtype=torch.long), attention_mask=torch.ones(2, 5, dtype=torch.long))
     with pytest.raises(ValueError, match="reduction"):
         model(torch.zeros(1, 4, dtype=torch.long), labels=torch.zeros(1, 4, dtype=torch.long), reduction="none")
     assert set(PRESETS) >= {"nano", "tiny", "small", "gpt2"}
