@@ -45,6 +45,7 @@ def _all_checks(rank: int, world_size: int, state, batch, batches, train_config)
         "train": dp.ddp_train_worker(rank, world_size, CONFIG, state, batches, train_config),
         "sampler": dp.sampler_worker(rank, world_size, 10, 2),
         "no_set_epoch": dp.sampler_worker(rank, world_size, 10, 2, call_set_epoch=False),
+        "timing": dp.comm_timing_worker(rank, world_size, CONFIG, state, batch, steps=2),
     }
 
 
@@ -71,6 +72,11 @@ def test_ddp_matches_one_process_on_the_full_batch(world_size):
     # rank 0's own loss is one shard's loss, not the batch's: the tutorial's printed number
     assert abs(out[0]["plain"]["local_loss"] - ref_loss) > 1e-4
 
+    n_params = GPT(CONFIG).num_params()
+    for result in out:  # the comm hook saw every fp32 gradient once per step, and took time
+        timing = result["timing"]
+        assert timing.allreduce_bytes == 4 * n_params and timing.world_size == world_size
+        assert 0 < timing.comm_share < 1 and timing.compute_s > 0 and timing.exposed_comm_s >= 0
     # the real DataLoader + DistributedSampler reads what rank_indices predicts, epoch by epoch
     for epoch in range(2):
         assert [r["sampler"][epoch] for r in out] == dp.rank_indices(10, world_size, epoch)
