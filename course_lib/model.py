@@ -66,7 +66,7 @@ class GPTConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
     @classmethod
-    def from_preset(cls, name: str, vocab_size: int, **overrides: Any) -> "GPTConfig":
+    def from_preset(cls, name: str, vocab_size: int, **overrides: Any) -> GPTConfig:
         """Build a config from a named size (``nano``, ``tiny``, ``small``, ``gpt2``)."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")

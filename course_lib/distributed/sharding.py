@@ -121,7 +121,7 @@ def fsdp_train_worker(rank: int, world_size: int, config: Any, state: dict[str, 
     """
     import torch.distributed as dist
 
-    from course_lib.distributed.tensor_parallel import rank_device
+    from course_lib.distributed.launch import rank_device
     from course_lib.model import GPT
 
     device = rank_device()
@@ -132,7 +132,10 @@ def fsdp_train_worker(rank: int, world_size: int, config: Any, state: dict[str, 
     losses = []
     for batch in batches:
         if batch.size(0) % world_size != 0:
-            raise ValueError(f"global batch of {batch.size(0)} rows cannot be split over {world_size} ranks")
+            raise ValueError(
+                f"a global batch of {batch.size(0)} rows cannot be split evenly over {world_size} ranks: "
+                f"use a multiple of {world_size} rows per batch, or fewer ranks"
+            )
         local = batch.chunk(world_size)[rank].to(device)
         optimizer.zero_grad()
         loss = model(local[:, :-1], labels=local[:, 1:]).loss

@@ -35,6 +35,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from course_lib.distributed.launch import rank_device
+
 ProcessGroup = Any  # torch.distributed.ProcessGroup (None means the default group)
 
 
@@ -71,7 +73,7 @@ class _CopyToRegion(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        grad = grad.contiguous().clone()
+        grad = grad.clone(memory_format=torch.contiguous_format)  # all_reduce works in place
         dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
         return grad, None
 
@@ -81,46 +83,13 @@ class _ReduceFromRegion(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
-        x = x.contiguous().clone()
+        x = x.clone(memory_format=torch.contiguous_format)  # all_reduce works in place
         dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
         return x
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return grad, None
-
-
-class _GatherFromRegion(torch.autograd.Function):
-    """All-gather along the last dimension forward; keep this rank's slice backward."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
-        world_size, rank = _world_and_rank(group)
-        ctx.rank, ctx.world_size = rank, world_size
-        parts = [torch.empty_like(x) for _ in range(world_size)]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, dim=-1)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad.chunk(ctx.world_size, dim=-1)[ctx.rank].contiguous(), None
-
-
-class _ScatterToRegion(torch.autograd.Function):
-    """Keep this rank's slice of the last dimension forward; all-gather the gradient backward."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
-        world_size, rank = _world_and_rank(group)
-        ctx.group, ctx.world_size = group, world_size
-        width = _check_divisible(x.size(-1), world_size, "input features")
-        return x[..., rank * width:(rank + 1) * width].contiguous()
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        parts = [torch.empty_like(grad) for _ in range(ctx.world_size)]
-        dist.all_gather(parts, grad.contiguous(), group=ctx.group)
-        return torch.cat(parts, dim=-1), None
 
 
 def copy_to_region(x: torch.Tensor, group: ProcessGroup | None = None) -> torch.Tensor:
@@ -133,15 +102,6 @@ def reduce_from_region(x: torch.Tensor, group: ProcessGroup | None = None) -> to
     return _ReduceFromRegion.apply(x, group)
 
 
-def gather_from_region(x: torch.Tensor, group: ProcessGroup | None = None) -> torch.Tensor:
-    """Concatenate every rank's slice along the last dimension (backward: keep own slice)."""
-    return _GatherFromRegion.apply(x, group)
-
-
-def scatter_to_region(x: torch.Tensor, group: ProcessGroup | None = None) -> torch.Tensor:
-    """Keep this rank's slice of the last dimension (backward: gather the slices' gradients)."""
-    return _ScatterToRegion.apply(x, group)
-
 
 # ---------------------------------------------------------------------------------------------
 # Hand-written parallel linear layers
@@ -153,28 +113,25 @@ class ColumnParallelLinear(nn.Module):
 
     ``weight`` is rows ``[rank*k, (rank+1)*k)`` of the original ``(out, in)`` weight with
     ``k = out // world_size`` (likewise the bias). The input is replicated on every rank; the
-    output is this rank's slice of the features, or the full output with ``gather_output=True``.
+    output is this rank's slice of the features (the input a :class:`RowParallelLinear` wants).
 
     Args:
         linear: the unsharded layer; its values are copied (every rank must pass the same one).
         group: process group to split over (``None``: the default group).
-        gather_output: all-gather the slices so every rank returns the full output.
     """
 
-    def __init__(self, linear: nn.Linear, group: ProcessGroup | None = None,
-                 gather_output: bool = False) -> None:
+    def __init__(self, linear: nn.Linear, group: ProcessGroup | None = None) -> None:
         super().__init__()
         world_size, rank = _world_and_rank(group)
         k = _check_divisible(linear.out_features, world_size, "out_features")
         rows = slice(rank * k, (rank + 1) * k)
-        self.group, self.gather_output = group, gather_output
+        self.group = group
         self.in_features, self.out_features = linear.in_features, k
         self.weight = nn.Parameter(linear.weight.detach()[rows].clone())
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach()[rows].clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(copy_to_region(x, self.group), self.weight, self.bias)
-        return gather_from_region(y, self.group) if self.gather_output else y
+        return F.linear(copy_to_region(x, self.group), self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features(local)={self.out_features}"
@@ -184,28 +141,24 @@ class RowParallelLinear(nn.Module):
     """This rank's share of the *input* features of an existing ``nn.Linear``.
 
     ``weight`` is columns ``[rank*k, (rank+1)*k)`` of the original weight. Each rank computes a
-    partial product; an all-reduce sums them, then the (unsplit) bias is added once.
+    partial product from its slice of the input features (the output of a
+    :class:`ColumnParallelLinear`); an all-reduce sums them, then the (unsplit) bias is added once.
 
     Args:
         linear: the unsharded layer; its values are copied (every rank must pass the same one).
         group: process group to split over (``None``: the default group).
-        input_is_parallel: the input already is this rank's slice of the features (the output of
-            a :class:`ColumnParallelLinear`); with ``False`` the full input is sliced here.
     """
 
-    def __init__(self, linear: nn.Linear, group: ProcessGroup | None = None,
-                 input_is_parallel: bool = True) -> None:
+    def __init__(self, linear: nn.Linear, group: ProcessGroup | None = None) -> None:
         super().__init__()
         world_size, rank = _world_and_rank(group)
         k = _check_divisible(linear.in_features, world_size, "in_features")
-        self.group, self.input_is_parallel = group, input_is_parallel
+        self.group = group
         self.in_features, self.out_features = k, linear.out_features
         self.weight = nn.Parameter(linear.weight.detach()[:, rank * k:(rank + 1) * k].clone())
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.input_is_parallel:
-            x = scatter_to_region(x, self.group)
         y = reduce_from_region(F.linear(x, self.weight), self.group)
         return y if self.bias is None else y + self.bias
 
@@ -221,7 +174,7 @@ def shard_mlp(mlp: nn.Module, group: ProcessGroup | None = None) -> nn.Module:
     """
     _require_linears(mlp, ("fc_in", "fc_out"))
     mlp.fc_in = ColumnParallelLinear(mlp.fc_in, group)
-    mlp.fc_out = RowParallelLinear(mlp.fc_out, group, input_is_parallel=True)
+    mlp.fc_out = RowParallelLinear(mlp.fc_out, group)
     return mlp
 
 
@@ -244,7 +197,7 @@ def shard_attention(attn: nn.Module, group: ProcessGroup | None = None) -> nn.Mo
         )
     for name in names[:3]:
         setattr(attn, name, ColumnParallelLinear(getattr(attn, name), group))
-    attn.o_proj = RowParallelLinear(attn.o_proj, group, input_is_parallel=True)
+    attn.o_proj = RowParallelLinear(attn.o_proj, group)
     return attn
 
 
@@ -302,19 +255,11 @@ def parallelize_block(block: nn.Module, mesh: Any = None) -> nn.Module:
     return parallelize_module(block, mesh, block_tp_plan())
 
 
-def rank_device() -> torch.device:
-    """This rank's device: its current GPU when the backend is nccl, else the CPU."""
-    _world_and_rank(None)
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def default_mesh() -> Any:
     """A 1-D ``DeviceMesh`` over every rank, on :func:`rank_device`'s device type."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    world_size, _ = _world_and_rank(None)
+    world_size, _ = _world_and_rank(None)  # fails clearly when no process group is running
     return init_device_mesh(rank_device().type, (world_size,))
 
 
