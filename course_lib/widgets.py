@@ -206,3 +206,68 @@ def compute_budget_widget(log10_flops: float = 21.0) -> widgets.VBox:
     box = widgets.VBox([slider, result])
     box.add_class("scaling-explorer")
     return box
+
+
+def schedule_summary_html(base_lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> str:
+    """The LR schedule explorer's numbers as HTML, all read off :func:`course_lib.schedulers.lr_at`:
+    the learning rate at the first step, at the peak, half-way through the decay, at the end and
+    beyond it (it holds at the floor)."""
+    from course_lib.schedulers import lr_at
+
+    def at(step: int) -> float:
+        return lr_at(step, base_lr=base_lr, warmup_steps=warmup_steps, total_steps=total_steps,
+                     min_lr_ratio=min_lr_ratio)
+
+    mid = warmup_steps + (total_steps - warmup_steps) // 2
+    points = [("first step (0)", 0), (f"peak ({warmup_steps})", warmup_steps), (f"mid-decay ({mid})", mid),
+              (f"end ({total_steps})", total_steps), (f"beyond ({2 * total_steps})", 2 * total_steps)]
+    cells = "".join(f"<td style='padding:0 8px'>{html.escape(name)}<br><b>{at(s):.3g}</b></td>" for name, s in points)
+    return f"<table class='schedule-points'><tr>{cells}</tr></table>"
+
+
+def schedule_explorer_widget(base_lr: float = 1e-3, warmup_steps: int = 100, total_steps: int = 1000,
+                             min_lr_ratio: float = 0.1) -> widgets.VBox:
+    """Learning-rate schedule explorer: warmup, total steps and floor in; the curve out.
+
+    The curve is :func:`course_lib.schedulers.lr_at` drawn up to 1.3x ``total_steps`` (so you see it
+    hold at the floor); the numbers (CSS class ``schedule-result``) come from
+    :func:`schedule_summary_html`. Warmup is capped at the total, as ``lr_at`` requires.
+    """
+    import matplotlib.pyplot as plt
+
+    from course_lib.schedulers import lr_at
+
+    total = widgets.IntSlider(value=total_steps, min=10, max=5000, step=10, description="Total steps",
+                              style={"description_width": "initial"})
+    total.add_class("schedule-total")
+    warmup = widgets.IntSlider(value=min(warmup_steps, total_steps), min=0, max=total_steps, description="Warmup",
+                               style={"description_width": "initial"})
+    warmup.add_class("schedule-warmup")
+    floor = widgets.FloatSlider(value=min_lr_ratio, min=0.0, max=1.0, step=0.05, description="Floor (x peak)",
+                                style={"description_width": "initial"})
+    floor.add_class("schedule-floor")
+    result = widgets.HTML()
+    result.add_class("schedule-result")
+    plot = widgets.Output()
+
+    def update(_change: object = None) -> None:
+        warmup.max = total.value  # keep warmup <= total
+        w, t, f = warmup.value, total.value, floor.value
+        result.value = schedule_summary_html(base_lr, w, t, f)
+        steps = list(range(int(1.3 * t) + 1))
+        plot.clear_output(wait=True)
+        with plot:
+            fig, ax = plt.subplots(figsize=(7, 3))
+            ax.plot(steps, [lr_at(s, base_lr=base_lr, warmup_steps=w, total_steps=t, min_lr_ratio=f) for s in steps])
+            ax.axvline(t, color="gray", ls=":", label="total_steps")
+            ax.set(xlabel="step", ylabel="learning rate", title=f"warmup {w}, total {t}, floor {f:.2f} x peak")
+            ax.legend()
+            plt.show()
+            plt.close(fig)
+
+    for control in (total, warmup, floor):
+        control.observe(update, names="value")
+    update()
+    box = widgets.VBox([widgets.HBox([warmup, total, floor]), result, plot])
+    box.add_class("schedule-explorer")
+    return box

@@ -106,3 +106,18 @@ def test_bad_schedules_raise(kwargs, match):
         lr_at(0, **args)
     with pytest.raises(ValueError, match=match):
         warmup_cosine(_opt(), args["warmup_steps"], args["total_steps"], args["min_lr_ratio"])
+
+
+def test_schedule_explorer_numbers_come_from_lr_at():
+    from course_lib.widgets import schedule_explorer_widget, schedule_summary_html
+
+    text = schedule_summary_html(2e-3, 10, 110, 0.25)
+    for step in (0, 10, 60, 110, 220):
+        assert f"<b>{lr_at(step, base_lr=2e-3, warmup_steps=10, total_steps=110, min_lr_ratio=0.25):.3g}</b>" in text
+    assert "<b>0.0005</b>" in text and "<b>0.002</b>" in text  # floor 0.25 x peak; the peak
+    box = schedule_explorer_widget(base_lr=2e-3, warmup_steps=10, total_steps=110, min_lr_ratio=0.25)
+    result = next(w for w in box.children if "schedule-result" in w._dom_classes)
+    assert result.value == text
+    warmup_slider = box.children[0].children[0]
+    warmup_slider.value = 0  # warmup 0 is allowed: the first step is already the peak
+    assert "first step (0)<br><b>0.002</b>" in result.value
