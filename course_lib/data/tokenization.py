@@ -30,11 +30,24 @@ class Tokenizer(Protocol):
     def save(self, path: str | Path) -> None: ...
 
 
+class _JsonFile:
+    """``save``/``load`` as a JSON file of ``to_dict()``, shared by both tokenisers."""
+
+    def save(self, path: str | Path) -> None:
+        """Write ``to_dict()`` as JSON to ``path``."""
+        Path(path).write_text(json.dumps(self.to_dict()), encoding="utf-8")  # type: ignore[attr-defined]
+
+    @classmethod
+    def load(cls, path: str | Path) -> Any:
+        """Read back a tokeniser written by :meth:`save`."""
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))  # type: ignore[attr-defined]
+
+
 def _as_ints(ids: Iterable[int] | torch.Tensor) -> list[int]:
     return ids.flatten().tolist() if isinstance(ids, torch.Tensor) else [int(i) for i in ids]
 
 
-class CharTokenizer:
+class CharTokenizer(_JsonFile):
     """One token per character: ``<pad>`` = 0, ``<eos>`` = 1, then the sorted characters.
 
     ``encode`` raises ``ValueError`` on a character that is not in the vocabulary (there is
@@ -84,26 +97,21 @@ class CharTokenizer:
         return "".join(out)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-safe description (``{"type": "char", "chars": [...]}``) for files and checkpoints."""
         return {"type": "char", "chars": self.chars}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CharTokenizer:
+        """Rebuild from :meth:`to_dict`."""
         if d.get("type") != "char":
             raise ValueError(f"not a CharTokenizer dict (type={d.get('type')!r})")
         return cls(d["chars"])
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict()), encoding="utf-8")
-
-    @classmethod
-    def load(cls, path: str | Path) -> CharTokenizer:
-        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
 
     def __repr__(self) -> str:
         return f"CharTokenizer(vocab_size={self.vocab_size})"
 
 
-class BPETokenizer:
+class BPETokenizer(_JsonFile):
     """A byte-level BPE tokeniser (a ``tokenizers.Tokenizer``) with the CharTokenizer interface.
 
     Byte-level means every string can be encoded (no unknown characters) and decoding
@@ -127,6 +135,7 @@ class BPETokenizer:
         return self.tokenizer.get_vocab_size()
 
     def encode(self, text: str) -> list[int]:
+        """Map text to ids (any string: byte-level, no unknown characters)."""
         return self.tokenizer.encode(text).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
@@ -138,22 +147,17 @@ class BPETokenizer:
         return self.tokenizer.decode(_as_ints(ids), skip_special_tokens=True)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-safe description (the ``tokenizers`` JSON under ``"tokenizer"``) for files and checkpoints."""
         return {"type": "bpe", "tokenizer": json.loads(self.tokenizer.to_str())}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BPETokenizer:
+        """Rebuild from :meth:`to_dict`."""
         from tokenizers import Tokenizer as HFTokenizer
 
         if d.get("type") != "bpe":
             raise ValueError(f"not a BPETokenizer dict (type={d.get('type')!r})")
         return cls(HFTokenizer.from_str(json.dumps(d["tokenizer"])))
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict()), encoding="utf-8")
-
-    @classmethod
-    def load(cls, path: str | Path) -> BPETokenizer:
-        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
 
     def __repr__(self) -> str:
         return f"BPETokenizer(vocab_size={self.vocab_size})"
