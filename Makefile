@@ -68,7 +68,7 @@ release: venv
 grade: venv
 	@test -n "$(SUBMISSIONS)" || { echo "usage: make grade SUBMISSIONS=DIR [ASSIGNMENT=quiz] [LMS_REGEX='...']"; exit 2; }
 	$(PY) scripts/grade.py grade "$(SUBMISSIONS)" $(if $(ASSIGNMENT),--assignment "$(ASSIGNMENT)") \
-		$(if $(LMS_REGEX),--lms-regex '$(LMS_REGEX)')
+		$(if $(LMS_REGEX),--lms-regex '$(value LMS_REGEX)')
 
 bench: venv
 	@for b in benchmarks/throughput.py benchmarks/memory.py benchmarks/notebooks.py; do \

@@ -32,6 +32,8 @@ import re
 import shutil
 import subprocess
 import sys
+import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +44,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 # Canvas names downloads "<login>_<late?>_<user id>_<submission id>_<original name>"; a
 # re-submission of quiz.ipynb may arrive as "quiz-1.ipynb".
-DEFAULT_LMS_REGEX = r"^(?P<student_id>[^_]+)_(?:[^_]*_)*(?P<file_id>[A-Za-z0-9]+?)(?:-\d+)?\.ipynb$"
+# nbgrader matches the regex against the file's absolute path, hence the leading (?:.*/)?.
+DEFAULT_LMS_REGEX = r"^(?:.*/)?(?P<student_id>[^/_]+)_(?:[^/_]*_)*(?P<file_id>[A-Za-z0-9]+?)(?:-\d+)?\.ipynb$"
 
 # nbgrader runs the `alembic` executable that sits beside this interpreter (also when the venv
 # is not activated), and kernels must not download anything.
@@ -51,6 +54,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+
+
+# nbgrader's gradebook triggers SQLAlchemy autoflush warnings that say nothing to an instructor.
+warnings.filterwarnings("ignore", message=".*not in session.*")
 
 
 def load_config(root: Path | None = None, timeout_s: int | None = None) -> Config:
@@ -70,7 +77,7 @@ def load_config(root: Path | None = None, timeout_s: int | None = None) -> Confi
     return config
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _alembic_head() -> str:
     """The gradebook schema version, read in-process.
 
@@ -195,31 +202,30 @@ def zip_collect(api, download: Path, assignment: str, lms_regex: str = DEFAULT_L
 
 @dataclass
 class Outcome:
-    """One student's result on one assignment."""
+    """One student's result on one assignment.
+
+    ``score`` counts every point awarded so far (autograded tests, written answers left blank
+    score 0); ``pending`` is the points of written answers that wait for a person
+    (``nbgrader formgrader``); ``seconds`` is the autograding time.
+    """
 
     assignment: str
     student: str
     ok: bool
-    auto_score: float = 0.0
-    auto_max: float = 0.0
-    manual_max: float = 0.0
+    score: float = 0.0
+    max_score: float = 0.0
+    pending: float = 0.0
+    seconds: float = 0.0
     error: str = ""
     feedback: str = ""
 
 
-def _scores(api, assignment: str, student: str) -> tuple[float, float, float]:
-    """(autograded score, autograded maximum, points awaiting a human) for one submission."""
-    auto, auto_max, manual = 0.0, 0.0, 0.0
+def cell_scores(api, assignment: str, student: str) -> dict[str, tuple[float | None, float, bool]]:
+    """``{grade cell id: (score or None if a person must grade it, max points, needs manual grade)}``."""
     with api.gradebook as gb:
         submission = gb.find_submission(assignment, student)
-        for notebook in submission.notebooks:
-            for grade in notebook.grades:
-                if grade.cell.cell_type == "markdown" or grade.needs_manual_grade and grade.auto_score is None:
-                    manual += grade.max_score
-                else:
-                    auto += grade.auto_score or 0.0
-                    auto_max += grade.max_score
-    return auto, auto_max, manual
+        return {g.name: (g.score if not g.needs_manual_grade else None, g.max_score, g.needs_manual_grade)
+                for notebook in submission.notebooks for g in notebook.grades}
 
 
 def _last_error_line(result: dict) -> str:
@@ -233,44 +239,52 @@ def grade_one(api, assignment: str, student: str) -> Outcome:
     root = Path(api.coursedir.root)
     log_dir = root / "grading" / "logs" / assignment
     log_dir.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
     result = api.autograde(assignment, student, force=True, create=True)
+    seconds = time.monotonic() - start
     (log_dir / f"{student}.log").write_text((result.get("log") or "") + (result.get("error") or ""))
     if not result["success"]:
-        return Outcome(assignment, student, ok=False, error=_last_error_line(result))
-    auto, auto_max, manual = _scores(api, assignment, student)
+        return Outcome(assignment, student, ok=False, seconds=seconds, error=_last_error_line(result))
+    cells = cell_scores(api, assignment, student).values()
     feedback = api.generate_feedback(assignment, student, force=True)
     path = ""
     if feedback["success"]:
         folder = Path(api.coursedir.format_path(api.coursedir.feedback_directory, student, assignment))
         path = ", ".join(str(p.relative_to(root)) for p in sorted(folder.glob("*.html")))
-    return Outcome(assignment, student, ok=True, auto_score=auto, auto_max=auto_max, manual_max=manual,
-                   feedback=path, error="" if feedback["success"] else "feedback: " + _last_error_line(feedback))
+    return Outcome(
+        assignment, student, ok=True,
+        score=sum(score or 0.0 for score, _, _ in cells),
+        max_score=sum(top for _, top, _ in cells),
+        pending=sum(top for _, top, manual in cells if manual),
+        seconds=seconds, feedback=path,
+        error="" if feedback["success"] else "feedback: " + _last_error_line(feedback),
+    )
 
 
 def write_csv(outcomes: list[Outcome], path: Path) -> None:
-    """One row per (student, assignment): autograded points, points left for a human, status."""
+    """One row per (student, assignment): points so far, maximum, points waiting for a person, status."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["student", "assignment", "status", "auto_score", "auto_max", "manual_points_pending",
+        w.writerow(["student", "assignment", "status", "score", "max_score", "manual_points_pending",
                     "feedback", "error"])
         for o in sorted(outcomes, key=lambda o: (o.student, o.assignment)):
             w.writerow([o.student, o.assignment, "graded" if o.ok else "FAILED",
-                        f"{o.auto_score:g}" if o.ok else "", f"{o.auto_max:g}" if o.ok else "",
-                        f"{o.manual_max:g}" if o.ok else "", o.feedback, o.error])
+                        f"{o.score:g}" if o.ok else "", f"{o.max_score:g}" if o.ok else "",
+                        f"{o.pending:g}" if o.ok else "", o.feedback, o.error])
 
 
 def summary(outcomes: list[Outcome]) -> str:
-    """A short table: per assignment, how many were graded, failed, and the mean score."""
-    lines = [f"{'assignment':<18}{'graded':>7}{'failed':>7}{'mean auto score':>18}{'manual pts pending':>20}"]
+    """A short table: per assignment, how many were graded or failed, and the mean score."""
+    lines = [f"{'assignment':<18}{'graded':>7}{'failed':>7}{'mean score':>16}{'to grade by hand':>18}"]
     for assignment in sorted({o.assignment for o in outcomes}):
         rows = [o for o in outcomes if o.assignment == assignment]
         graded = [o for o in rows if o.ok]
-        mean = sum(o.auto_score for o in graded) / len(graded) if graded else float("nan")
-        top = graded[0].auto_max if graded else float("nan")
-        manual = graded[0].manual_max if graded else 0
+        mean = sum(o.score for o in graded) / len(graded) if graded else float("nan")
+        top = max((o.max_score for o in graded), default=float("nan"))
+        pending = sum(o.pending > 0 for o in graded)
         lines.append(f"{assignment:<18}{len(graded):>7}{len(rows) - len(graded):>7}"
-                     f"{f'{mean:.2f} / {top:g}':>18}{manual:>20g}")
+                     f"{f'{mean:.2f} / {top:g}':>16}{f'{pending} students':>18}")
     for o in outcomes:
         if not o.ok or o.error:
             lines.append(f"  {o.student}/{o.assignment}: {'FAILED ' if not o.ok else ''}{o.error}")
@@ -282,7 +296,8 @@ def grade_all(api, pairs: list[tuple[str, str]]) -> list[Outcome]:
     outcomes = []
     for i, (assignment, student) in enumerate(pairs, start=1):
         outcome = grade_one(api, assignment, student)
-        status = f"{outcome.auto_score:g}/{outcome.auto_max:g}" if outcome.ok else "FAILED: " + outcome.error
+        status = (f"{outcome.score:g}/{outcome.max_score:g}" + (f" ({outcome.pending:g} to grade by hand)"
+                  if outcome.pending else "") if outcome.ok else "FAILED: " + outcome.error)
         print(f"[{i}/{len(pairs)}] {student} {assignment}: {status}", flush=True)
         outcomes.append(outcome)
     return outcomes
@@ -290,6 +305,8 @@ def grade_all(api, pairs: list[tuple[str, str]]) -> list[Outcome]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", type=Path, default=None,
+                        help="course folder holding solutions/ (default: this repository)")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("release", help="regenerate assessments/ from solutions/")
     g = sub.add_parser("grade", help="autograde a folder of submissions or an LMS download")
@@ -297,13 +314,14 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--assignment", help="the assignment of an LMS download (zip or flat folder)")
     g.add_argument("--lms-regex", default=DEFAULT_LMS_REGEX,
                    help="regex with (?P<student_id>...) and (?P<file_id>...) for LMS file names")
-    g.add_argument("--csv", type=Path, default=REPO / "grading" / "grades.csv")
+    g.add_argument("--csv", type=Path, default=None, help="default: <root>/grading/grades.csv")
     args = parser.parse_args(argv)
 
-    api = make_api(load_config())
+    api = make_api(load_config(args.root))
+    root = Path(api.coursedir.root)
     if args.command == "release":
         release(api)
-        print(f"released {', '.join(assignment_notebooks(REPO))} into {api.coursedir.release_directory}/")
+        print(f"released {', '.join(assignment_notebooks(root))} into {root / api.coursedir.release_directory}/")
         return 0
 
     if not args.submissions.exists():
@@ -323,10 +341,11 @@ def main(argv: list[str] | None = None) -> int:
         print("no submissions found")
         return 1
     outcomes = grade_all(api, pairs)
-    write_csv(outcomes, args.csv)
+    csv_path = args.csv or root / "grading" / "grades.csv"
+    write_csv(outcomes, csv_path)
     print()
     print(summary(outcomes))
-    print(f"\ngrades: {args.csv}\nfeedback: {Path(api.coursedir.root) / 'grading' / 'feedback'}/")
+    print(f"\ngrades: {csv_path}\nfeedback: {root / api.coursedir.feedback_directory}/")
     return 0 if all(o.ok for o in outcomes) else 1
 
 

@@ -1,0 +1,384 @@
+"""The autograder, checked like code: nbgrader itself releases, validates and grades the course's
+assignments, and every kind of submission must get exactly the points it deserves.
+
+Everything runs in a temporary course folder (a copy of ``solutions/``) through nbgrader's
+Python API (``scripts/grade.py`` wraps it; the CLI is only used for ``zip_collect``).
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import re
+import shutil
+import sys
+import zipfile
+from pathlib import Path
+
+import nbformat
+import pytest
+
+pytestmark = pytest.mark.grading
+
+REPO = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("course_grade", REPO / "scripts" / "grade.py")
+grade = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = grade  # dataclasses look their module up while the class is built
+_spec.loader.exec_module(grade)
+
+ASSIGNMENTS = grade.assignment_notebooks(REPO)
+QUIZ_TIMEOUT_S = 10  # per cell, for the quiz's students (the infinite loop must not wait 180 s)
+
+# A partial submission per assignment: the answer cells it solves, the test cells those answers
+# (and only those) must pass, and one test cell of an unsolved part that the student "fixed"
+# by editing the test itself.
+PARTIAL = {
+    "quiz": ({f"q{i:02d}-answer" for i in range(1, 6)}, {f"q{i:02d}-test" for i in range(1, 6)}, "q10-test"),
+    "ex1_distributed": ({"pipeline-answer"}, {"pipeline-partition-test", "pipeline-bubble-test"}, "dp-grads-test"),
+    "ex2_memory": ({"accumulate-answer", "checkpoint-answer"}, {"accumulate-test", "checkpoint-test"},
+                   "step-test-fp16"),
+    "ex3_peft": ({"lora-layer-answer"}, {"lora-layer-test", "lora-merge-test"}, "lora-model-test"),
+}
+EDITED_TEST_SOURCE = "# I fixed this test\nprint('all tests passed')"
+
+
+def _nb_path(root: Path, folder: str, assignment: str) -> Path:
+    (name,) = ASSIGNMENTS[assignment]
+    return root / folder / assignment / f"{name}.ipynb"
+
+
+def _meta(cell) -> dict:
+    return cell.metadata.get("nbgrader", {})
+
+
+def _cells(nb) -> dict:
+    return {_meta(c)["grade_id"]: c for c in nb.cells if "grade_id" in _meta(c)}
+
+
+def _strip_markers(source: str) -> str:
+    return "\n".join(line for line in source.splitlines()
+                     if line.strip() not in ("### BEGIN SOLUTION", "### END SOLUTION"))
+
+
+def _regions(source: str, begin: str, end: str) -> list[str]:
+    return re.findall(rf"{re.escape(begin)}\n(.*?){re.escape(end)}", source, flags=re.S)
+
+
+def _points(assignment: str) -> dict[str, tuple[float, str]]:
+    """{grade cell id: (points, cell type)} from the source notebook."""
+    nb = nbformat.read(_nb_path(REPO, "solutions", assignment), as_version=4)
+    return {_meta(c)["grade_id"]: (float(_meta(c)["points"]), c.cell_type) for c in nb.cells if _meta(c).get("grade")}
+
+
+# ------------------------------------------------------------------------------------------
+# Static checks of the sources and the committed release (no kernel)
+
+
+@pytest.mark.parametrize("assignment", sorted(ASSIGNMENTS))
+def test_source_cells_carry_complete_nbgrader_metadata(assignment):
+    nb = nbformat.read(_nb_path(REPO, "solutions", assignment), as_version=4)
+    nbformat.validate(nb)
+    assert nb.metadata.kernelspec.name == "python3"
+    ids = [_meta(c)["grade_id"] for c in nb.cells if _meta(c)]
+    assert len(ids) == len(set(ids)), "grade_ids must be unique"
+    kinds = {"tests": 0, "answers": 0}
+    for cell in nb.cells:
+        m = _meta(cell)
+        if not m:
+            continue
+        assert m["schema_version"] == 3 and {"grade", "solution", "locked", "grade_id", "task"} <= set(m)
+        if m["grade"]:
+            assert m["points"] > 0, f"{m['grade_id']} has no points"
+        if m["grade"] and cell.cell_type == "code":  # an autograder test
+            kinds["tests"] += 1
+            assert m["locked"] and not m["solution"], f"{m['grade_id']} must be a locked test cell"
+            assert "### BEGIN HIDDEN TESTS" in cell.source, f"{m['grade_id']} has no hidden tests"
+            assert "### BEGIN SOLUTION" not in cell.source
+        elif m["solution"]:  # an answer: autograded code, or a written answer graded by hand
+            kinds["answers"] += 1
+            assert not m["locked"] and "### BEGIN SOLUTION" in cell.source, m["grade_id"]
+            assert m["grade"] == (cell.cell_type == "markdown"), f"{m['grade_id']}: only written answers are graded cells"
+        else:
+            assert m["locked"], f"{m['grade_id']}: instructions and set-up cells are locked"
+    assert kinds["tests"] >= 3 and kinds["answers"] >= 3
+
+
+def test_quiz_covers_every_lesson_and_the_module_questions():
+    nb = nbformat.read(_nb_path(REPO, "solutions", "quiz"), as_version=4)
+    questions = [c.source for c in nb.cells if _meta(c).get("grade_id", "").endswith("-question")]
+    assert len(questions) >= 15
+    lessons = {re.search(r"\(lesson (\d\d)\)", q).group(1) for q in questions}
+    assert lessons == {f"{i:02d}" for i in range(12)}
+    module = [q for q in questions if "from the module" in q]
+    for wanted in ("main challenges in training large language models", "gradient accumulation help",
+                   "purpose of mixed precision training"):
+        assert any(wanted in q for q in module), wanted
+    tests = [c.source for c in nb.cells if _meta(c).get("grade_id", "").endswith("-test")]
+    assert len(tests) == len(questions) and all("print('Explanation:'" in t for t in tests)
+
+
+@pytest.mark.parametrize("assignment", sorted(ASSIGNMENTS))
+def test_release_hides_solutions_and_hidden_tests(assignment):
+    source_text = _nb_path(REPO, "solutions", assignment).read_text()
+    release_nb = nbformat.read(_nb_path(REPO, "assessments", assignment), as_version=4)
+    release = "\n".join(c.source for c in release_nb.cells)
+    for marker in ("BEGIN SOLUTION", "END SOLUTION", "BEGIN HIDDEN TESTS", "END HIDDEN TESTS"):
+        assert marker not in release
+    source_nb = nbformat.read(_nb_path(REPO, "solutions", assignment), as_version=4)
+    secret, public = [], []
+    for cell in source_nb.cells:
+        regions = (_regions(cell.source, "### BEGIN SOLUTION", "### END SOLUTION")
+                   + _regions(cell.source, "### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS"))
+        secret += regions
+        outside = cell.source
+        for r in regions:
+            outside = outside.replace(r, "")
+        public.append(outside)
+    public_text = "\n".join(public)
+    distinctive = {line.strip() for r in secret for line in r.splitlines()
+                   if len(line.strip()) >= 20 and line.strip() not in public_text}
+    assert secret and distinctive
+    leaked = [line for line in distinctive if line in release]
+    assert not leaked, f"solution or hidden-test lines in the release: {leaked[:3]}"
+    assert "### BEGIN SOLUTION" in source_text
+
+
+# ------------------------------------------------------------------------------------------
+# nbgrader itself: release, validate, autograde
+
+
+@pytest.fixture(scope="module")
+def course(tmp_path_factory):
+    """A temporary course folder: solutions/ copied, student versions generated by nbgrader."""
+    root = tmp_path_factory.mktemp("course")
+    shutil.copytree(REPO / "solutions", root / "solutions")
+    api = grade.make_api(grade.load_config(root))
+    grade.release(api)
+    return root, api
+
+
+@pytest.mark.slow
+def test_committed_assessments_equal_a_fresh_release(course):
+    root, _ = course
+    fresh = sorted(p.relative_to(root / "assessments") for p in (root / "assessments").rglob("*") if p.is_file())
+    committed = sorted(p.relative_to(REPO / "assessments") for p in (REPO / "assessments").rglob("*") if p.is_file())
+    assert fresh == committed, "assessments/ is out of date: run `make release`"
+    for rel in fresh:
+        if rel.suffix != ".ipynb":
+            assert (root / "assessments" / rel).read_bytes() == (REPO / "assessments" / rel).read_bytes()
+            continue
+        a = nbformat.read(root / "assessments" / rel, as_version=4)
+        b = nbformat.read(REPO / "assessments" / rel, as_version=4)
+        assert a.metadata.get("kernelspec") == b.metadata.get("kernelspec")
+        assert len(a.cells) == len(b.cells), f"{rel}: run `make release`"
+        for x, y in zip(a.cells, b.cells, strict=True):
+            assert (x.cell_type, x.source, x.metadata) == (y.cell_type, y.source, y.metadata), (
+                f"{rel}: cell {_meta(x).get('grade_id')} differs from a fresh release: run `make release`")
+            assert not y.get("outputs"), f"{rel}: a released cell has outputs"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("assignment", sorted(ASSIGNMENTS))
+def test_source_notebook_validates(course, assignment):
+    from nbgrader.validator import Validator
+
+    root, api = course
+    results = Validator(config=api.config).validate(str(_nb_path(root, "solutions", assignment)))
+    assert results == {}, json.dumps(results, indent=1)[:3000]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("assignment", sorted(ASSIGNMENTS))
+def test_blank_release_fails_every_test(course, assignment):
+    from nbgrader.validator import Validator
+
+    root, api = course
+    results = Validator(config=api.config, invert=True).validate(str(_nb_path(root, "assessments", assignment)))
+    assert results == {}, f"tests that pass on the blank notebook: {json.dumps(results, indent=1)[:3000]}"
+
+
+def _write(nb, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, path)
+
+
+def _submissions(root: Path, out: Path) -> list[tuple[str, str]]:
+    """Write every scenario's notebooks under out/<student>/<name>.ipynb; return the grading order."""
+    order = []
+    # the quiz's hard cases go first: the students after them must still be graded
+    quiz = nbformat.read(_nb_path(root, "solutions", "quiz"), as_version=4)
+
+    def quiz_variant(student, edit):
+        nb = nbformat.from_dict(json.loads(json.dumps(quiz)))
+        edit(nb, _cells(nb))
+        _write(nb, out / student / "quiz.ipynb")
+        order.append(("quiz", student))
+
+    quiz_variant("loop", lambda nb, c: c["q01-answer"].update(source="while True:\n    pass"))
+
+    def broken(nb, c):
+        c["q03-answer"].source = 'q3 = "D'  # a syntax error
+        nb.cells.remove(c["q02-test"])  # a deleted test cell comes back at grading time
+        nb.cells.remove(c["q04-answer"])  # a deleted answer scores nothing
+
+    quiz_variant("broken", broken)
+    (out / "garbage").mkdir()
+    (out / "garbage" / "quiz.ipynb").write_text("{ this is not a notebook")
+    order.append(("quiz", "garbage"))
+
+    def edited_test(nb, c):
+        c["q06-answer"].source = 'q6 = "A"'  # wrong (C is right) ...
+        c["q06-test"].source = EDITED_TEST_SOURCE  # ... and the test "fixed" to pass it
+
+    quiz_variant("tamper", edited_test)
+
+    for assignment in sorted(ASSIGNMENTS):
+        (name,) = ASSIGNMENTS[assignment]
+        source = nbformat.read(_nb_path(root, "solutions", assignment), as_version=4)
+        blank = nbformat.read(_nb_path(root, "assessments", assignment), as_version=4)
+        _write(source, out / "solution" / f"{name}.ipynb")
+        _write(blank, out / "blank" / f"{name}.ipynb")
+        answers, _, tampered = PARTIAL[assignment]
+        partial = nbformat.from_dict(json.loads(json.dumps(blank)))
+        solved = _cells(source)
+        for gid, cell in _cells(partial).items():
+            if gid in answers:
+                cell.source = _strip_markers(solved[gid].source)
+            elif gid == tampered:
+                cell.source = EDITED_TEST_SOURCE
+        _write(partial, out / "partial" / f"{name}.ipynb")
+        order += [(assignment, "solution"), (assignment, "blank"), (assignment, "partial")]
+    return order
+
+
+@pytest.fixture(scope="module")
+def graded(course, tmp_path_factory):
+    """Autograde every scenario once; returns {(assignment, student): Outcome}."""
+    root, api = course
+    submissions = tmp_path_factory.mktemp("submissions")
+    order = _submissions(root, submissions)
+    collected = grade.collect(api, submissions)
+    assert sorted(collected) == sorted(order)
+    quiz_api = grade.make_api(grade.load_config(root, timeout_s=QUIZ_TIMEOUT_S))
+    return {(a, s): grade.grade_one(quiz_api if a == "quiz" else api, a, s) for a, s in order}
+
+
+def _scores(course, assignment, student):
+    return grade.cell_scores(course[1], assignment, student)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("assignment", sorted(ASSIGNMENTS))
+def test_solution_earns_full_marks_in_under_two_minutes(course, graded, assignment):
+    outcome = graded[(assignment, "solution")]
+    assert outcome.ok, outcome.error
+    scores = _scores(course, assignment, "solution")
+    for gid, (points, cell_type) in _points(assignment).items():
+        score, top, manual = scores[gid]
+        assert top == points
+        if cell_type == "markdown":  # a written answer: waits for a person
+            assert manual and score is None, gid
+        else:
+            assert score == points, f"{gid}: {score} of {points}"
+    assert outcome.seconds < 120, f"autograding the solution took {outcome.seconds:.0f} s"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("assignment", sorted(ASSIGNMENTS))
+def test_blank_release_earns_zero(course, graded, assignment):
+    assert graded[(assignment, "blank")].ok
+    scores = _scores(course, assignment, "blank")
+    assert set(scores) == set(_points(assignment))
+    assert all(score == 0 and not manual for score, _, manual in scores.values()), scores
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("assignment", sorted(ASSIGNMENTS))
+def test_partial_submission_earns_exactly_its_parts(course, graded, assignment):
+    _, passing, tampered = PARTIAL[assignment]
+    outcome = graded[(assignment, "partial")]
+    assert outcome.ok, outcome.error
+    scores = _scores(course, assignment, "partial")
+    points = _points(assignment)
+    for gid, (score, top, _) in scores.items():
+        assert score == (top if gid in passing else 0), f"{gid}: {score} of {top}"
+    assert scores[tampered][0] == 0, "editing a test cell must not earn its points"
+    assert outcome.score == sum(points[g][0] for g in passing) > 0
+
+
+@pytest.mark.slow
+def test_edited_test_cell_is_restored_and_earns_nothing(course, graded):
+    scores = _scores(course, "quiz", "tamper")
+    assert scores["q06-test"][0] == 0
+    assert graded[("quiz", "tamper")].score == sum(p for p, _ in _points("quiz").values()) - 1
+    autograded = nbformat.read(course[0] / "grading" / "autograded" / "tamper" / "quiz" / "quiz.ipynb", as_version=4)
+    assert _cells(autograded)["q06-test"].source != EDITED_TEST_SOURCE
+
+
+@pytest.mark.slow
+def test_infinite_loop_is_stopped_scored_and_others_still_graded(course, graded):
+    outcome = graded[("quiz", "loop")]
+    assert outcome.ok, outcome.error
+    scores = _scores(course, "quiz", "loop")
+    assert scores["q01-test"][0] == 0
+    assert outcome.score == sum(p for p, _ in _points("quiz").values()) - 1
+    autograded = nbformat.read(course[0] / "grading" / "autograded" / "loop" / "quiz" / "quiz.ipynb", as_version=4)
+    errors = [o.ename for o in _cells(autograded)["q01-answer"].outputs if o.output_type == "error"]
+    assert errors, "the looping cell should carry the timeout error"
+    assert outcome.seconds < 6 * QUIZ_TIMEOUT_S
+    later = [k for k in graded if k != ("quiz", "loop")]
+    assert all(graded[k].ok for k in later if k[1] != "garbage")
+
+
+@pytest.mark.slow
+def test_syntax_error_and_deleted_cells_are_graded(course, graded):
+    outcome = graded[("quiz", "broken")]
+    assert outcome.ok, outcome.error
+    scores = _scores(course, "quiz", "broken")
+    assert scores["q03-test"][0] == 0  # syntax error in its answer
+    assert scores["q04-test"][0] == 0  # its answer cell was deleted
+    assert scores["q02-test"][0] == 1  # the deleted test cell was put back and passed
+    assert outcome.score == sum(p for p, _ in _points("quiz").values()) - 2
+
+
+@pytest.mark.slow
+def test_unreadable_submission_fails_alone_with_a_reason(graded):
+    outcome = graded[("quiz", "garbage")]
+    assert not outcome.ok and outcome.error
+    assert graded[("quiz", "tamper")].ok and graded[("quiz", "solution")].ok
+
+
+@pytest.mark.slow
+def test_feedback_explains_the_quiz_answers_and_csv_lists_everyone(course, graded, tmp_path):
+    root, _ = course
+    html = (root / graded[("quiz", "blank")].feedback).read_text()
+    assert html.count("Explanation:") >= 15 and "6*N*D" in html.replace("&#42;", "*")
+    for outcome in graded.values():
+        if outcome.ok:
+            assert outcome.feedback and (root / outcome.feedback).is_file()
+    grade.write_csv(list(graded.values()), tmp_path / "grades.csv")
+    rows = {(r["student"], r["assignment"]): r for r in csv.DictReader(open(tmp_path / "grades.csv"))}
+    assert len(rows) == len(graded)
+    assert rows[("garbage", "quiz")]["status"] == "FAILED"
+    assert float(rows[("solution", "ex3_peft")]["manual_points_pending"]) == 3
+    text = grade.summary(list(graded.values()))
+    assert "garbage/quiz: FAILED" in text
+
+
+@pytest.mark.slow
+def test_make_grade_collects_an_lms_zip_download(tmp_path):
+    """`make grade SUBMISSIONS=download.zip ASSIGNMENT=quiz` end to end, in a scratch course folder."""
+    root = tmp_path / "course"
+    shutil.copytree(REPO / "solutions", root / "solutions")
+    download = tmp_path / "download.zip"
+    with zipfile.ZipFile(download, "w") as z:
+        z.write(_nb_path(REPO, "solutions", "quiz"), "alice_12345_678_quiz.ipynb")
+        z.write(_nb_path(REPO, "assessments", "quiz"), "bob_LATE_23456_789_quiz-1.ipynb")
+    code = grade.main(["--root", str(root), "grade", str(download), "--assignment", "quiz"])
+    assert code == 0
+    rows = {r["student"]: r for r in csv.DictReader(open(root / "grading" / "grades.csv"))}
+    assert set(rows) == {"alice", "bob"}
+    top = sum(p for p, _ in _points("quiz").values())
+    assert float(rows["alice"]["score"]) == top and float(rows["bob"]["score"]) == 0
+    assert not (root / "assessments").exists(), "grading must not rewrite the student versions"
