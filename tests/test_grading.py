@@ -104,6 +104,19 @@ def test_source_cells_carry_complete_nbgrader_metadata(assignment):
     assert kinds["tests"] >= 3 and kinds["answers"] >= 3
 
 
+@pytest.mark.parametrize("assignment", sorted(ASSIGNMENTS))
+def test_points_announced_to_students_match_the_metadata(assignment):
+    title = nbformat.read(_nb_path(REPO, "solutions", assignment), as_version=4).cells[0].source
+    points = _points(assignment).values()
+    auto = sum(p for p, kind in points if kind == "code")
+    written = sum(p for p, kind in points if kind == "markdown")
+    if assignment == "quiz":
+        assert f"{auto:g} questions, one point each" in title and written == 0
+    else:
+        announced = re.search(r"\((\d+) points \+ (\d+) for the analysis\)", title)
+        assert announced and (int(announced[1]), int(announced[2])) == (auto, written), title.splitlines()[0]
+
+
 def test_quiz_covers_every_lesson_and_the_module_questions():
     nb = nbformat.read(_nb_path(REPO, "solutions", "quiz"), as_version=4)
     questions = [c.source for c in nb.cells if _meta(c).get("grade_id", "").endswith("-question")]
