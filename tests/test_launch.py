@@ -100,7 +100,8 @@ def test_timeout_stops_every_rank(tmp_path):
     start = time.monotonic()
     with pytest.raises(TimeoutError, match="timed out"):
         spawn(_sleep_forever, 2, str(tmp_path), timeout_s=5)
-    assert time.monotonic() - start < 5 + launch._GRACE_S + 5
+    # bounded: the timeout, the grace before SIGKILL, and slack for a cold, busy machine
+    assert time.monotonic() - start < 5 + launch._GRACE_S + 20
     _assert_all_gone(tmp_path)
 
 
