@@ -32,6 +32,7 @@ def _report(rank: int, world_size: int, scale: float) -> dict:
         "threads": torch.get_num_threads(),
         "helpers": (launch.is_distributed(), launch.get_rank(), launch.get_world_size()),
         "local_rank": int(os.environ["LOCAL_RANK"]),
+        "master_port": os.environ.get("MASTER_PORT"),
         "device": launch.rank_device(),
         # ranks are not daemons, so they may start DataLoader worker processes of their own
         "loaded": [int(x) for b in DataLoader(range(4), batch_size=2, num_workers=1) for x in b],
@@ -112,7 +113,8 @@ def test_two_spawns_at_once_do_not_collide(monkeypatch):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-        monkeypatch.setenv("MASTER_PORT", str(busy.getsockname()[1]))
+        taken = str(busy.getsockname()[1])
+        monkeypatch.setenv("MASTER_PORT", taken)
         results: dict[int, list] = {}
         errors: list[BaseException] = []
 
@@ -129,6 +131,8 @@ def test_two_spawns_at_once_do_not_collide(monkeypatch):
             t.join()
     assert not errors, errors
     for i in range(2):
+        # the workers see the caller's environment at the time of the call
+        assert {r["master_port"] for r in results[i]} == {taken}
         assert [float(r["sum"]) for r in results[i]] == [3.0 * (i + 1)] * 2
 
 

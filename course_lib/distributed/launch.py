@@ -126,9 +126,13 @@ def _worker(
     prefix: str,
     timeout_s: float,
     results: Any,
+    environ: dict[str, str],
 ) -> None:
     """Body of every process started by :func:`spawn` (module level, so it can be pickled)."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    # The fork server was started with the environment of the first spawn() call; use the
+    # caller's environment of *this* call, as a freshly spawned process would.
+    os.environ.clear()
+    os.environ.update(environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     try:
         if backend == "nccl":
             torch.cuda.set_device(rank)  # one machine: the local rank is the global rank
@@ -225,7 +229,7 @@ def spawn(
     processes = [
         ctx.Process(
             target=_worker,
-            args=(rank, world_size, fn, args, backend, store.port, prefix, timeout_s, results),
+            args=(rank, world_size, fn, args, backend, store.port, prefix, timeout_s, results, dict(os.environ)),
             name=f"course-rank-{rank}",  # not a daemon: a rank may start DataLoader workers
         )
         for rank in range(world_size)
