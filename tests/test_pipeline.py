@@ -124,7 +124,7 @@ def _all_pipelines(rank: int, world_size: int, config, state, batch) -> dict:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("stages, n_layer", [(2, 3), (4, 5)])  # uneven: 2+1 and 2+1+1+1 layers
+@pytest.mark.parametrize("stages, n_layer", [(1, 2), (2, 3), (4, 5)])  # uneven: 2+1 and 2+1+1+1 layers
 def test_pipelines_give_the_unsplit_models_loss_and_gradients(stages, n_layer):
     config, state, batch = _setup(n_layer)
     out = spawn(_all_pipelines, stages, config, state, batch, timeout_s=150)

@@ -444,15 +444,12 @@ def torch_pipeline_step(
     pipe_stage = PipelineStage(stage, rank, n_stages, device)
     runner = schedules[kind](pipe_stage, microbatches, loss_fn=partial(_summed_loss, n_real=n_real),
                              scale_grads=False)
-    if rank == 0:
-        runner.step(input_ids.to(device))
-    elif rank == n_stages - 1:
-        losses: list[torch.Tensor] = []
-        runner.step(target=labels.to(device), losses=losses)
-        return float(sum(loss.item() for loss in losses))
-    else:
-        runner.step()
-    return None
+    first, last = rank == 0, rank == n_stages - 1
+    losses: list[torch.Tensor] = []
+    inputs = (input_ids.to(device),) if first else ()  # only stage 0 reads the tokens
+    targets = {"target": labels.to(device), "losses": losses} if last else {}  # only the last, the labels
+    runner.step(*inputs, **targets)
+    return float(sum(loss.item() for loss in losses)) if last else None
 
 
 def torch_pipeline_worker(
