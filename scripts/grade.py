@@ -317,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--csv", type=Path, default=None, help="default: <root>/grading/grades.csv")
     args = parser.parse_args(argv)
 
+    if args.root is not None and not (args.root / "solutions").is_dir():
+        parser.error(f"--root {args.root} has no solutions/ folder (copy or clone the course's solutions/ there)")
     api = make_api(load_config(args.root))
     root = Path(api.coursedir.root)
     if args.command == "release":
