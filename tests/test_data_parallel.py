@@ -115,3 +115,11 @@ def test_batch_helpers_and_single_process_global_mean():
     assert dp.global_mean(6.0, 4) == 1.5
     with pytest.raises(RuntimeError, match="spawn"):
         dp.wrap_ddp(GPT(CONFIG))
+
+
+def test_world_larger_than_the_data_is_refused_with_a_fix():
+    from course_lib.distributed.data_parallel import rank_indices
+
+    with pytest.raises(ValueError, match="fewer than world_size=4.*fewer processes or more data"):
+        rank_indices(3, 4)
+    assert [len(r) for r in rank_indices(4, 4)] == [1, 1, 1, 1]

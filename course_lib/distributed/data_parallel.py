@@ -56,6 +56,15 @@ def wrap_ddp(model: nn.Module, device: torch.device | None = None, **ddp_kwargs:
     return DistributedDataParallel(model, device_ids=device_ids, **ddp_kwargs)
 
 
+def _check_enough_samples(n: int, world_size: int) -> None:
+    """Refuse a world larger than the data: ranks would read nothing or the same repeated sample."""
+    if n < world_size:
+        raise ValueError(
+            f"the dataset has {n} samples, fewer than world_size={world_size}: every rank needs at "
+            "least one; use fewer processes or more data"
+        )
+
+
 def rank_indices(
     n: int, world_size: int, epoch: int = 0, *, shuffle: bool = True, seed: int = 0, drop_last: bool = False
 ) -> list[list[int]]:
@@ -67,6 +76,7 @@ def rank_indices(
     """
     if n < 1 or world_size < 1:
         raise ValueError(f"need n >= 1 and world_size >= 1, got n={n}, world_size={world_size}")
+    _check_enough_samples(n, world_size)
     out = []
     for rank in range(world_size):
         sampler = DistributedSampler(
@@ -87,6 +97,7 @@ def make_loader(
     epoch, or each epoch repeats the first one's order.
     """
     sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    _check_enough_samples(len(dataset), sampler.num_replicas)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn)
     return loader, sampler
 
