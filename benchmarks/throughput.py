@@ -178,8 +178,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     peak = measure_matmul_flops(device, dtype)
     precision = "bf16" if args.bf16 else "fp32"
