@@ -16,6 +16,7 @@ utilisation) with :func:`measure_matmul_flops` and :func:`datasheet_peak_flops` 
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import netrc
@@ -208,15 +209,24 @@ class LivePlot:
         self._last_draw = time.perf_counter()
         try:
             from IPython import get_ipython
-            from IPython.display import display
+            from IPython.display import Image, display
         except ImportError:
             return
         if get_ipython() is None:
             return
+        # Shown as a PNG made here: a bare Figure has no notebook formatter unless
+        # `%matplotlib inline` ran, and would show up as the text "<Figure ...>".
+        image = Image(data=self.png(), format="png")
         if self._handle is None:
-            self._handle = display(self.figure, display_id=True)
+            self._handle = display(image, display_id=True)
         else:
-            self._handle.update(self.figure)
+            self._handle.update(image)
+
+    def png(self) -> bytes:
+        """The figure as PNG bytes (what the notebook shows)."""
+        buffer = io.BytesIO()
+        self.figure.savefig(buffer, format="png", dpi=80)
+        return buffer.getvalue()
 
     def close(self) -> None:
         self.draw()

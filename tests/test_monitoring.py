@@ -102,6 +102,7 @@ def test_multilogger_and_liveplot(tmp_path):
     assert [r["step"] for r in read_jsonl(tmp_path / "m.jsonl")] == list(range(5))
     xs, ys = plot._lines["loss"].get_data()
     assert list(xs) == list(range(5)) and list(ys) == [1.0 / (s + 1) for s in range(5)]
+    assert plot.png().startswith(b"\x89PNG\r\n\x1a\n")
     with pytest.raises(TypeError, match="not a logger"):
         MultiLogger([object()])
 
