@@ -144,3 +144,29 @@ def test_parity_with_peft():
     # merged, both agree too
     merge_lora(ours)
     torch.testing.assert_close(ours(x), theirs.merge_and_unload()(x), rtol=0, atol=1e-6)
+
+
+def test_notebook_scratch_lora_equals_course_lib():
+    """Notebook 07 writes LoRA from scratch; it must compute what course_lib.lora.LoRALinear computes."""
+    import json
+    import math
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "notebooks" / "07_lora.ipynb"
+    cells = ["".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+    (source,) = [s for s in cells if s.lstrip().startswith("class ScratchLoRALinear")]
+    namespace = {"torch": torch, "nn": nn, "math": math}
+    exec(source, namespace)
+    base = nn.Linear(12, 20)
+    torch.manual_seed(3)
+    scratch = namespace["ScratchLoRALinear"](copy.deepcopy(base), rank=3, alpha=6)
+    torch.manual_seed(3)
+    ours = LoRALinear(copy.deepcopy(base), rank=3, alpha=6)
+    torch.testing.assert_close(scratch.lora_A, ours.lora_A, rtol=0, atol=0)  # same init, same RNG draws
+    assert torch.count_nonzero(scratch.lora_B) == 0 and not scratch.base.weight.requires_grad
+    with torch.no_grad():
+        b = torch.randn(20, 3)
+        scratch.lora_B.copy_(b)
+        ours.lora_B.copy_(b)
+    x = torch.randn(5, 12)
+    torch.testing.assert_close(scratch(x), ours(x), rtol=0, atol=1e-6)
