@@ -426,7 +426,7 @@ def train(
     data_iter = iter(batches)
     bar = tqdm(total=config.steps, initial=result.step, desc="train", unit="step",
                disable=not (config.progress and group.rank == 0), dynamic_ncols=True)
-    tokens_since_log, inputs_since_log, seq_len = 0, 0, None
+    inputs_since_log, seq_len = 0, None
     t_last = time.perf_counter()
     model.train()
 
@@ -455,7 +455,6 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         result.step = step
-        tokens_since_log += real
         inputs_since_log += inputs
         bar.update(1)
 
@@ -475,13 +474,14 @@ def train(
                 record["loss_scale"] = scaler.get_scale()
             record.update(layer_norms)
             if eval_data is not None and (last or (config.eval_every and step % config.eval_every == 0)):
+                # every rank evaluates the same batches on its (identical) model: no communication
                 record["val_loss"] = result.val_loss = evaluate(
                     raw, eval_data, device=device, precision=config.precision, max_batches=config.eval_batches)
             result.history.append(record)
             for logger in loggers:
                 logger.log({k: v for k, v in record.items() if k != "step"}, step=step)
             bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-            tokens_since_log = inputs_since_log = 0
+            inputs_since_log = 0
             t_last = time.perf_counter()
 
         if config.out_dir is not None and (last or (config.checkpoint_every and step % config.checkpoint_every == 0)):
