@@ -77,6 +77,7 @@ def test_garbage_and_missing_files_give_clear_errors(tmp_path):
         ck.load_checkpoint(tmp_path / "nothing.pt")
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 @pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
 def test_code_running_pickle_is_refused_and_never_runs(tmp_path, writer):
     marker = tmp_path / "pwned"

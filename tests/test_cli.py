@@ -123,6 +123,7 @@ def test_existing_runs_need_resume_with_the_same_settings(tmp_path, capsys):
     _assert_one_line_error(*_main([*base, "--resume", "--seed", "3"], capsys), "--seed")
 
 
+@pytest.mark.slow
 def test_subprocess_error_is_one_line_without_traceback(tmp_path):
     proc = _run("train", "--out", str(tmp_path / "run"), "--steps", "0")
     assert proc.returncode == 2

@@ -40,6 +40,7 @@ def test_never_climbs_back_after_total_steps():
     assert raw[-1] > raw[0] + 0.9
 
 
+@pytest.mark.slow  # importing transformers takes a few seconds
 def test_matches_transformers_with_zero_floor():
     from transformers import get_cosine_schedule_with_warmup
 
