@@ -1,4 +1,4 @@
-"""``python -m course_lib train|doctor``: see :mod:`course_lib.cli`."""
+"""``python -m course_lib train|doctor|bench``: see :mod:`course_lib.cli`."""
 
 import sys
 

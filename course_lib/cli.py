@@ -1,4 +1,4 @@
-"""Command line: ``python -m course_lib train|doctor``.
+"""Command line: ``python -m course_lib train|doctor|bench``.
 
 ``python -m course_lib train --corpus shakespeare --preset tiny --steps 200 --out runs/demo``
 trains the tiny GPT on a bundled corpus with nothing else to set up. The same command under
@@ -80,9 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
     from course_lib.model import PRESETS
 
     parser = _Parser(prog="python -m course_lib", description="The LLM-training course's command line.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,doctor}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,doctor,bench}")
 
     sub.add_parser("doctor", help="check the environment (one [OK]/[FAIL] line per check)")
+
+    b = sub.add_parser("bench", help="measure the training loop's throughput and MFU on this machine",
+                       description="Time a few training steps per precision; print tokens/s and MFU.")
+    b.add_argument("--preset", choices=list(PRESETS), default="tiny")
+    b.add_argument("--micro-batch", type=_int_at_least(1), default=8)
+    b.add_argument("--steps", type=_int_at_least(2), default=10, help="timed steps after one warm-up step")
+    b.add_argument("--precision", choices=["fp32", "bf16", "fp16"], nargs="+", default=None,
+                   help="precisions to compare (default: every one this device supports)")
+    b.add_argument("--device", default=None)
 
     t = sub.add_parser("train", help="train a GPT on a bundled corpus",
                        description="Train a GPT on a bundled corpus; writes metrics.jsonl and checkpoints to --out.")
@@ -366,10 +375,50 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if doctor() else 1
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """The ``bench`` command: tokens/s and MFU of :func:`course_lib.training.train` per precision.
+
+    MFU is measured against this device's best matrix-multiply rate
+    (:func:`course_lib.monitoring.measure_matmul_flops`) in the precision's dtype or in fp32,
+    whichever is higher (CPUs without 16-bit units emulate bf16/fp16 far below their fp32 rate).
+    """
+    import torch
+
+    from course_lib.data import RandomWindowBatches, encode_corpus
+    from course_lib.device import supported_precisions
+    from course_lib.model import GPT, GPTConfig
+    from course_lib.monitoring import measure_matmul_flops
+    from course_lib.precision import DTYPES
+    from course_lib.training import TrainConfig, train
+
+    device = _check_device(args.device)
+    precisions = args.precision or supported_precisions(device)
+    unsupported = [p for p in precisions if p not in supported_precisions(device)]
+    if unsupported:
+        raise CLIError(f"--precision {' '.join(unsupported)} not supported on {device}")
+    tokenizer = _shared_tokenizer()
+    config = GPTConfig.from_preset(args.preset, tokenizer.vocab_size)
+    tokens, _ = encode_corpus("shakespeare", tokenizer)
+    print(f"{args.preset}: {config.n_layer} layers x {config.n_embd} wide, micro-batch {args.micro_batch} x "
+          f"{config.block_size} tokens, {args.steps} timed steps on {device}")
+    print(f"{'precision':>9s} {'tokens/s':>10s} {'peak GFLOP/s':>13s} {'MFU':>6s}")
+    for precision in precisions:
+        model = GPT(config).to(device)
+        peak = max(measure_matmul_flops(device, DTYPES[precision]), measure_matmul_flops(device, torch.float32))
+        result = train(model, RandomWindowBatches(tokens, config.block_size, args.micro_batch, seed=0),
+                       TrainConfig(steps=args.steps + 1, precision=precision, peak_flops=peak, progress=False),
+                       device=device)
+        rates = result.values("tokens_per_s")[1:]  # the first step pays for warm-up
+        rate = sorted(rates)[len(rates) // 2]
+        utilisation = rate * model.flops_per_token() / peak
+        print(f"{precision:>9s} {rate:10,.0f} {peak / 1e9:13,.1f} {utilisation:6.1%}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m course_lib``; returns the exit status."""
     args = build_parser().parse_args(argv)
-    handler = {"train": cmd_train, "doctor": cmd_doctor}[args.command]
+    handler = {"train": cmd_train, "doctor": cmd_doctor, "bench": cmd_bench}[args.command]
     if os.environ.get("COURSE_LIB_DEBUG"):
         return handler(args)
     from course_lib.checkpoint import CheckpointError

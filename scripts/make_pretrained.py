@@ -9,8 +9,8 @@ with ``course_lib.checkpoint.load_pretrained()`` (also importable from ``course_
 The tokenizer covers the characters of *every* bundled corpus, so the model can be fine-tuned
 on ``python_docs`` (the domain-shift lessons) without unknown characters.
 
-Usage: ``python scripts/make_pretrained.py [--steps N] [--out runs/pretrain]``. The run directory
-keeps checkpoints, so an interrupted build continues with ``--resume``.
+Usage: ``python scripts/make_pretrained.py [--steps N] [--out runs/pretrain]``. Each build starts
+a fresh run directory; an interrupted build continues with ``--resume`` instead.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -44,6 +45,8 @@ def main() -> int:
                   "--micro-batch", "16", "--lr", "2e-3", "--eval-every", "250", "--eval-batches", "20",
                   "--checkpoint-every", "100", "--log-every", "10", "--seed", "0", "--device", "cpu",
                   "--out", args.out]
+    if not args.resume and Path(args.out).exists():
+        shutil.rmtree(args.out)  # a previous build's run directory: start again from scratch
     command = "python -m course_lib " + " ".join(train_args)
     print(command, flush=True)
     start = time.perf_counter()

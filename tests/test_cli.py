@@ -190,3 +190,13 @@ def test_the_same_command_under_torchrun_trains_with_ddp(tmp_path):
     assert records[0]["tokens"] == 2 * 2 * 32  # both ranks' real tokens: the global batch
     assert json.loads((out / "config.json").read_text())["world_size"] == 2
     assert len(torch.load(out / "ckpt_00000004.pt", weights_only=True)["data"]) == 2
+
+
+@pytest.mark.slow
+def test_bench_prints_throughput_and_mfu_per_precision(capsys):
+    assert cli.main(["bench", "--preset", "nano", "--steps", "2", "--micro-batch", "2", "--precision", "fp32"]) == 0
+    rows = [ln.split() for ln in capsys.readouterr().out.splitlines() if ln.strip().startswith("fp32")]
+    assert len(rows) == 1
+    precision, rate, peak, utilisation = rows[0]
+    assert float(rate.replace(",", "")) > 0 and float(peak.replace(",", "")) > 0
+    assert 0 < float(utilisation.rstrip("%")) < 100
