@@ -33,8 +33,8 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 SETTINGS_THAT_MUST_MATCH_ON_RESUME = (
     "corpus", "preset", "steps", "precision", "grad_accum", "micro_batch", "checkpointing", "lora_rank",

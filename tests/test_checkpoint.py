@@ -42,8 +42,6 @@ def test_crash_during_write_keeps_previous_checkpoint(tmp_path, monkeypatch, fai
             raise OSError("simulated crash before the rename")
         monkeypatch.setattr(ck.os, "replace", boom)
     else:
-        real_save = torch.save
-
         def half_write(obj, f, *args, **kwargs):
             f.write(b"PK\x03\x04 half a zip file")  # some bytes reach the disk, then the crash
             raise KeyboardInterrupt("simulated kill mid-write")
@@ -131,7 +129,7 @@ def test_export_and_load_pretrained(tmp_path):
     ck.export_pretrained(model, tok, tmp_path, "toy", val_loss=1.5, command="python -m course_lib train ...")
     loaded, tok2 = ck.load_pretrained("toy", directory=tmp_path)
     assert tok2.encode("hello") == tok.encode("hello")
-    for (n, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+    for (n, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), n
     assert loaded.lm_head.weight is loaded.wte.weight  # still tied after loading
     assert ck.pretrained_metadata("toy", tmp_path)["val_loss"] == 1.5

@@ -200,3 +200,25 @@ def test_bench_prints_throughput_and_mfu_per_precision(capsys):
     precision, rate, peak, utilisation = rows[0]
     assert float(rate.replace(",", "")) > 0 and float(peak.replace(",", "")) > 0
     assert 0 < float(utilisation.rstrip("%")) < 100
+
+
+@pytest.mark.slow
+def test_checkpointing_init_from_and_lora_flags(tmp_path, capsys):
+    base = ["train", "--preset", "nano", "--steps", "3", "--micro-batch", "2", "--eval-batches", "1", "--no-progress"]
+    assert cli.main([*base, "--out", str(tmp_path / "pre"), "--checkpointing"]) == 0
+    pretrained = torch.load(tmp_path / "pre" / "ckpt_00000003.pt", weights_only=True)
+
+    # fine-tune on the other corpus from that run directory, with LoRA adapters only
+    assert cli.main([*base, "--corpus", "python_docs", "--out", str(tmp_path / "ft"), "--init-from",
+                     str(tmp_path / "pre"), "--lora-rank", "4"]) == 0
+    tuned = torch.load(tmp_path / "ft" / "ckpt_00000003.pt", weights_only=True)
+    lora_keys = [k for k in tuned["model"] if "lora_" in k]
+    assert lora_keys and tuned["extra"]["lora"] == {"rank": 4, "alpha": 8.0}
+    for name, value in pretrained["model"].items():  # the base weights stayed frozen
+        frozen_name = name if name in tuned["model"] else name.replace(".weight", ".base.weight").replace(".bias", ".base.bias")
+        assert torch.equal(tuned["model"][frozen_name], value), name
+    assert any(not torch.equal(tuned["model"][k], torch.zeros_like(tuned["model"][k])) for k in lora_keys if "lora_B" in k)
+
+    # a checkpoint holding adapters is refused as a starting point, with the reason
+    _assert_one_line_error(*_main([*base, "--out", str(tmp_path / "x"), "--init-from", str(tmp_path / "ft")], capsys),
+                           "LoRA")

@@ -34,7 +34,7 @@ def test_lr_at_matches_the_closed_form(step, expected):
 
 def test_never_climbs_back_after_total_steps():
     lrs = [lr_at(s, base_lr=1.0, warmup_steps=5, total_steps=50, min_lr_ratio=0.0) for s in range(5, 200)]
-    assert all(b <= a for a, b in zip(lrs, lrs[1:]))
+    assert all(b <= a for a, b in zip(lrs, lrs[1:], strict=False))
     # the tutorial's schedule (Errata 8): a raw cosine of step / total climbs back after total
     raw = [0.5 * (1 + math.cos(math.pi * s / 50)) for s in range(50, 100)]
     assert raw[-1] > raw[0] + 0.9

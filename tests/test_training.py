@@ -1,6 +1,7 @@
 """The training loop: token-weighted accumulation, exact resume, partial windows, config errors."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -149,7 +150,7 @@ def test_trailing_partial_window_is_stepped_and_weighted_by_its_tokens(tmp_path)
     empty = {"input_ids": micro[0]["input_ids"], "labels": torch.full_like(micro[0]["labels"], IGNORE_INDEX)}
     reference = _model()
     train(reference, [*micro, empty], TrainConfig(steps=10, grad_accum=2, progress=False, lr=1e-2))
-    for (name, a), b in zip(reference.named_parameters(), model.parameters()):
+    for (name, a), b in zip(reference.named_parameters(), model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-7, msg=name)
 
 
@@ -264,14 +265,14 @@ def test_ddp_training_equals_one_process_and_resumes_each_ranks_stream(tmp_path)
     full = spawn(_ddp_train, 2, str(tmp_path / "ddp"), 4, False, timeout_s=240)
     (losses0, params0), (losses1, params1) = full
     assert losses0 == losses1  # every rank logs the same global loss
-    assert all(torch.equal(a, b) for a, b in zip(params0, params1))
+    assert all(torch.equal(a, b) for a, b in zip(params0, params1, strict=True))
 
     # one process with grad_accum=2 over both ranks' batches takes the same steps
     single = _model()
     cfg = TrainConfig(steps=4, lr=3e-3, warmup_steps=1, grad_accum=2, progress=False, seed=7)
     reference = train(single, _Interleave([iter(RandomWindowBatches(_stream(), 16, 2, seed=r)) for r in (0, 1)]), cfg)
     assert losses0 == pytest.approx(reference.values("loss"), rel=1e-5)
-    for a, b in zip(params0, single.parameters()):
+    for a, b in zip(params0, single.parameters(), strict=True):
         torch.testing.assert_close(a, b.detach(), rtol=1e-4, atol=1e-5)
 
     # only rank 0 wrote checkpoints, holding both ranks' data positions
@@ -281,4 +282,20 @@ def test_ddp_training_equals_one_process_and_resumes_each_ranks_stream(tmp_path)
     resumed = spawn(_ddp_train, 2, str(tmp_path / "ddp"), 4, str(tmp_path / "ddp" / "ckpt_00000002.pt"),
                     timeout_s=240)
     assert resumed[0][0] == losses0[2:]  # bitwise
-    assert all(torch.equal(a, b) for a, b in zip(resumed[0][1], params0))
+    assert all(torch.equal(a, b) for a, b in zip(resumed[0][1], params0, strict=True))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_runs_and_resumes_exactly(tmp_path, precision):
+    """bf16 autocast (no scaler) and fp16 with a GradScaler whose state is checkpointed too."""
+    stream = _stream(1000)
+    cfg = dict(steps=4, checkpoint_every=2, grad_accum=1, warmup_steps=0, precision=precision)
+    full = train(_model(), RandomWindowBatches(stream, 16, 2, seed=0), _config(tmp_path / "a", **cfg))
+    assert all(math.isfinite(x) for x in full.values("loss"))
+    if precision == "fp16":
+        assert all(r["loss_scale"] > 1 for r in full.history)  # the scaler is on
+        assert load_checkpoint(tmp_path / "a" / "ckpt_00000002.pt")["scaler"]["scale"] > 1
+    resumed = train(_model(seed=5), RandomWindowBatches(stream, 16, 2, seed=0), _config(tmp_path / "a", **cfg),
+                    resume=tmp_path / "a" / "ckpt_00000002.pt")
+    assert resumed.values("loss") == full.values("loss")[2:]
