@@ -124,10 +124,16 @@ def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
 
 
 def prune_checkpoints(directory: str | os.PathLike, keep: int) -> list[Path]:
-    """Delete all but the newest ``keep`` checkpoints; return the deleted paths."""
+    """Delete all but the newest ``keep`` checkpoints; return the deleted paths.
+
+    Temporary files left by a writer that was killed mid-save (``.ckpt_*.tmp``) are removed
+    too: call this from the process that writes the checkpoints, after a save has finished.
+    """
     if keep < 1:
         raise ValueError(f"keep must be >= 1 (keep at least the newest checkpoint), got {keep}")
     old = _checkpoints(directory)[:-keep]
+    if Path(directory).is_dir():
+        old += sorted(Path(directory).glob(f".{CHECKPOINT_GLOB}.*.tmp"))
     for p in old:
         p.unlink(missing_ok=True)
     return old

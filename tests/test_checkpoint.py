@@ -115,9 +115,11 @@ def test_latest_and_prune(tmp_path):
     for step in (5, 100, 20):
         ck.save_checkpoint(ck.checkpoint_path(tmp_path, step), step=step)
     (tmp_path / "notes.txt").write_text("not a checkpoint")
+    (tmp_path / ".ckpt_00000200.pt.x1y2.tmp").write_bytes(b"half")  # a writer killed mid-save
     assert ck.latest_checkpoint(tmp_path).name == "ckpt_00000100.pt"
     removed = ck.prune_checkpoints(tmp_path, keep=2)
-    assert [p.name for p in removed] == ["ckpt_00000005.pt"]
+    assert [p.name for p in removed] == ["ckpt_00000005.pt", ".ckpt_00000200.pt.x1y2.tmp"]
+    assert (tmp_path / "notes.txt").exists()
     assert sorted(p.name for p in tmp_path.glob("ckpt_*.pt")) == ["ckpt_00000020.pt", "ckpt_00000100.pt"]
     with pytest.raises(ValueError, match="keep"):
         ck.prune_checkpoints(tmp_path, keep=0)
