@@ -225,11 +225,11 @@ def load_pretrained(name: str = "shakespeare_tiny", directory: str | os.PathLike
     """
     from safetensors.torch import load_model
 
-    from course_lib.data import CharTokenizer
+    from course_lib.data import tokenizer_from_dict
     from course_lib.model import GPT, GPTConfig
 
     directory = PRETRAINED_DIR if directory is None else Path(directory)
     meta = pretrained_metadata(name, directory)
     model = GPT(GPTConfig(**meta["model"]))
     load_model(model, str(directory / f"{name}.safetensors"), device=str(device))
-    return model.to(device).eval(), CharTokenizer.from_dict(meta["tokenizer"])
+    return model.to(device).eval(), tokenizer_from_dict(meta["tokenizer"])

@@ -275,6 +275,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         _check_resume_flags(args, out)
 
     rank, local_rank, world = init_from_env()
+    if world > 1 and device.type == "cuda":
+        import torch
+
+        device = torch.device("cuda", local_rank)  # one GPU per process, picked by LOCAL_RANK
     if world > 1:
         print(f"rank {rank} of {world} (local rank {local_rank}) on {device}", flush=True)
     try:

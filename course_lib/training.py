@@ -64,6 +64,7 @@ from course_lib.checkpoint import (
 )
 from course_lib.distributed.faults import maybe_inject_fault
 from course_lib.model import IGNORE_INDEX
+from course_lib.monitoring import mfu
 from course_lib.precision import DTYPES, autocast, make_grad_scaler
 from course_lib.schedulers import warmup_cosine
 
@@ -261,12 +262,15 @@ class _Dist:
     """The process-group facts the loop needs (world size 1 when not distributed)."""
 
     def __init__(self, model: nn.Module, device: torch.device) -> None:
-        self.active = dist.is_available() and dist.is_initialized()
+        initialised = dist.is_available() and dist.is_initialized()
         self.ddp = isinstance(model, DistributedDataParallel)
-        if self.ddp and not self.active:
+        if self.ddp and not initialised:
             raise ValueError("the model is wrapped in DistributedDataParallel but no process group is initialised")
-        self.rank = dist.get_rank() if self.active else 0
-        self.world = dist.get_world_size() if self.active else 1
+        # Collectives (global token counts, x world size) only for a DDP model: a plain model in a
+        # process group trains on its own and must not have its gradients scaled by the world size.
+        self.active = self.ddp
+        self.rank = dist.get_rank() if initialised else 0
+        self.world = dist.get_world_size() if self.ddp else 1
         self.device = device
 
     def window_counts(self, real: int, inputs: int, n_micro: int) -> tuple[int, int, int]:
@@ -470,7 +474,7 @@ def train(
                 "tokens_per_s": inputs_since_log / max(now - t_last, 1e-9), "tokens": real,
             }
             if config.peak_flops and flops_per_token is not None:
-                record["mfu"] = record["tokens_per_s"] * flops_per_token(seq_len) / (config.peak_flops * group.world)
+                record["mfu"] = mfu(record["tokens_per_s"], flops_per_token(seq_len), config.peak_flops * group.world)
             if config.precision == "fp16":
                 record["loss_scale"] = scaler.get_scale()
             record.update(layer_norms)
