@@ -12,7 +12,9 @@ export WANDB_SILENT := true
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE := 1
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-PYTEST := $(PY) -m pytest
+# One BLAS thread per process: the suite's models are tiny and many tests start 2-4 processes,
+# so extra threads only contend for the cores.
+PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest
 
 .PHONY: venv lab test test-fast test-notebooks test-browser course pretrained release grade bench doctor clean
 
@@ -35,7 +37,7 @@ doctor: venv
 
 ## The whole suite (unit, distributed, notebooks, grading); what CI runs
 test: venv
-	$(PYTEST) -q tests
+	$(PYTEST) -q --durations=15 tests
 
 ## Unit tests only, for quick iteration
 test-fast: venv
