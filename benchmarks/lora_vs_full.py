@@ -6,7 +6,7 @@
 Every setting starts from the same pretrained weights (``course_lib.checkpoint.load_pretrained``)
 and trains for the same number of steps on the same batches with ``course_lib.training.train``.
 The table gives trainable parameters, the AdamW state actually allocated (measured after a step),
-time per step, and the validation loss on both corpora before and after: the new domain should
+median time per step, and the validation loss on both corpora before and after: the new domain should
 improve, and the old one shows how much each method forgets.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import time
+import statistics
 
 import torch
 
@@ -77,9 +77,9 @@ def main() -> None:
                              weight_decay=0.0 if rank else 0.1, progress=False, seed=0)
         batches = RandomWindowBatches(splits["python_docs"][0], T, args.batch, seed=0)
         opt_bytes = optimizer_bytes(model, {k: v.to(device) for k, v in batches.batch(0).items()}, config)
-        start = time.perf_counter()
-        train(model, batches, config, device=device)
-        per_step = (time.perf_counter() - start) / args.steps
+        result = train(model, batches, config, device=device)
+        # the median over steps of the logged throughput: robust to bursts of load on a shared machine
+        per_step = args.batch * T / statistics.median(result.values("tokens_per_s"))
         after = losses(model)
         print(f"| {name} | {count_trainable_parameters(model):,} | {opt_bytes / 2**20:.2f} MiB | {per_step:.3f} "
               f"| {before['python_docs']:.3f} -> {after['python_docs']:.3f} "
