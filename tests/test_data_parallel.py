@@ -37,6 +37,23 @@ def _reference_grads(state, batch):
     return loss.item(), {n: p.grad for n, p in model.named_parameters()}
 
 
+def _own_batch(rank: int) -> dict[str, torch.Tensor]:
+    """A different batch per rank, with a different number of real tokens on each."""
+    batch = _batch(100 + rank)
+    batch["labels"][:, : 3 * rank] = IGNORE_INDEX
+    return batch
+
+
+def _plain_model_grads(state, batch) -> dict[str, torch.Tensor]:
+    """A model NOT wrapped in DDP, accumulating inside a process group: it trains on its own."""
+    from course_lib.training import accumulate_gradients
+
+    model = GPT(CONFIG)
+    model.load_state_dict(state)
+    accumulate_gradients(model, dp.split_micro(batch, 2))
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
 def _all_checks(rank: int, world_size: int, state, batch, batches, train_config) -> dict:
     """Everything the test checks, in one process group (starting processes is the slow part)."""
     return {
@@ -46,6 +63,7 @@ def _all_checks(rank: int, world_size: int, state, batch, batches, train_config)
         "sampler": dp.sampler_worker(rank, world_size, 10, 2),
         "no_set_epoch": dp.sampler_worker(rank, world_size, 10, 2, call_set_epoch=False),
         "timing": dp.comm_timing_worker(rank, world_size, CONFIG, state, batch, steps=2),
+        "not_ddp": _plain_model_grads(state, _own_batch(rank)),
     }
 
 
@@ -69,6 +87,11 @@ def test_ddp_matches_one_process_on_the_full_batch(world_size):
             assert r["global_mean_of_local"] == pytest.approx(ref_loss, abs=1e-6)
         # no_sync: the two-micro-batch window all-reduces as often as the one-batch window
         assert result["accum"]["allreduce_calls"] == result["plain"]["allreduce_calls"] >= 1
+    # without DDP nothing is all-reduced or rescaled: each rank's gradient is its own batch's
+    for rank, result in enumerate(out):
+        _, own = _reference_grads(state, _own_batch(rank))
+        for name, g in own.items():
+            torch.testing.assert_close(result["not_ddp"][name], g, atol=1e-6, rtol=0, msg=f"rank {rank} {name}")
     # rank 0's own loss is one shard's loss, not the batch's: the tutorial's printed number
     assert abs(out[0]["plain"]["local_loss"] - ref_loss) > 1e-4
 
