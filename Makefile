@@ -29,8 +29,10 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 ## Learners: start JupyterLab on the lessons
+# (as root, e.g. in a container, Jupyter refuses to start without --allow-root)
 lab: venv
-	JUPYTER_CONFIG_PATH=$(CURDIR)/binder $(VENV)/bin/jupyter lab --notebook-dir=notebooks
+	JUPYTER_CONFIG_PATH=$(CURDIR)/binder $(VENV)/bin/jupyter lab --notebook-dir=notebooks \
+		$(if $(filter 0,$(shell id -u)),--allow-root,) $(LAB_ARGS)
 
 doctor: venv
 	$(PY) -m course_lib doctor
