@@ -43,6 +43,8 @@ class LoRALinear(nn.Module):
             raise ValueError(f"rank must be a positive integer, got {rank!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if alpha <= 0:
+            raise ValueError(f"alpha must be positive (the update is scaled by alpha/rank), got {alpha}")
         self.base = base
         self.rank = rank
         self.alpha = alpha
@@ -111,7 +113,7 @@ def apply_lora(
     """
     targets = (target_modules,) if isinstance(target_modules, str) else tuple(target_modules)
     found = [(n, m) for n, m in model.named_modules() if n and _matches(n, targets)]
-    if _matches("", targets) or (isinstance(model, nn.Linear) and not found and "" in targets):
+    if "" in targets:
         raise ValueError("the model itself is a target: wrap it directly with LoRALinear(model, rank, alpha)")
     if not found:
         linears = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})

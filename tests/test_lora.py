@@ -113,6 +113,10 @@ def test_top_level_targets_and_errors():
         apply_lora(TwoLayer(), rank=2, alpha=4, target_modules=("c_attn",))
     with pytest.raises(ValueError, match="rank must be a positive integer"):
         LoRALinear(nn.Linear(2, 2), rank=0, alpha=1)
+    with pytest.raises(ValueError, match="alpha must be positive"):
+        LoRALinear(nn.Linear(2, 2), rank=2, alpha=0)
+    with pytest.raises(ValueError, match="the model itself is a target"):
+        apply_lora(TwoLayer(), rank=2, alpha=4, target_modules=("",))
 
 
 def test_dropout_only_on_the_adapter_path():
