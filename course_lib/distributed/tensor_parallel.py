@@ -108,6 +108,13 @@ def reduce_from_region(x: torch.Tensor, group: ProcessGroup | None = None) -> to
 # ---------------------------------------------------------------------------------------------
 
 
+def _rank_slice(size: int, group: ProcessGroup | None, what: str) -> slice:
+    """This rank's contiguous share ``[rank*k, (rank+1)*k)`` of ``size`` features."""
+    world_size, rank = _world_and_rank(group)
+    k = _check_divisible(size, world_size, what)
+    return slice(rank * k, (rank + 1) * k)
+
+
 class ColumnParallelLinear(nn.Module):
     """This rank's share of the *output* features of an existing ``nn.Linear``.
 
@@ -122,11 +129,9 @@ class ColumnParallelLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, group: ProcessGroup | None = None) -> None:
         super().__init__()
-        world_size, rank = _world_and_rank(group)
-        k = _check_divisible(linear.out_features, world_size, "out_features")
-        rows = slice(rank * k, (rank + 1) * k)
+        rows = _rank_slice(linear.out_features, group, "out_features")
         self.group = group
-        self.in_features, self.out_features = linear.in_features, k
+        self.in_features, self.out_features = linear.in_features, rows.stop - rows.start
         self.weight = nn.Parameter(linear.weight.detach()[rows].clone())
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach()[rows].clone())
 
@@ -151,11 +156,10 @@ class RowParallelLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, group: ProcessGroup | None = None) -> None:
         super().__init__()
-        world_size, rank = _world_and_rank(group)
-        k = _check_divisible(linear.in_features, world_size, "in_features")
+        cols = _rank_slice(linear.in_features, group, "in_features")
         self.group = group
-        self.in_features, self.out_features = k, linear.out_features
-        self.weight = nn.Parameter(linear.weight.detach()[:, rank * k:(rank + 1) * k].clone())
+        self.in_features, self.out_features = cols.stop - cols.start, linear.out_features
+        self.weight = nn.Parameter(linear.weight.detach()[:, cols].clone())
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
