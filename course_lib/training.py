@@ -277,17 +277,18 @@ class _Dist:
         """Global real tokens, global input tokens and this window's micro-batch count."""
         if not self.active:
             return real, inputs, n_micro
-        sums = torch.tensor([real, inputs], dtype=torch.int64, device=self.device)
-        dist.all_reduce(sums)
-        extremes = torch.tensor([n_micro, -n_micro], dtype=torch.int64, device=self.device)
-        dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
-        most, fewest = int(extremes[0]), -int(extremes[1])
+        # one collective per window: every rank's (real, inputs, micro-batches)
+        mine = torch.tensor([real, inputs, n_micro], dtype=torch.int64, device=self.device)
+        every = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(every, mine)
+        counts = torch.stack(every).cpu()
+        most, fewest = int(counts[:, 2].max()), int(counts[:, 2].min())
         if most != fewest:
             raise RuntimeError(
                 f"ranks disagree on the window size ({fewest} to {most} micro-batches): every rank "
                 "must get the same number of batches (use a DistributedSampler / equal shards)"
             )
-        return int(sums[0]), int(sums[1]), n_micro
+        return int(counts[:, 0].sum()), int(counts[:, 1].sum()), n_micro
 
     def sum(self, value: torch.Tensor) -> torch.Tensor:
         if self.active:
