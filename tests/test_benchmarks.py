@@ -1,0 +1,80 @@
+"""The throughput benchmark's statistics and its end-to-end run (benchmarks/throughput.py)."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from throughput import median_interval  # noqa: E402
+
+
+def test_median_interval_uses_the_binomial_ranks():
+    # n=15: P(Bin(15, 1/2) <= 3) = 0.018 <= 0.025 < P(<= 4) = 0.059, so the interval is the
+    # 4th smallest to the 4th largest value.
+    values = [float(v) for v in range(1, 16)]
+    random.Random(0).shuffle(values)
+    assert median_interval(values) == (4.0, 12.0)
+
+
+def test_median_interval_falls_back_to_the_range_when_too_few_values():
+    assert median_interval([3.0, 1.0, 2.0]) == (1.0, 3.0)
+    with pytest.raises(ValueError, match="at least one value"):
+        median_interval([])
+
+
+def test_median_interval_covers_the_true_median_of_a_skewed_distribution():
+    # Timings are right-skewed; a lognormal's median is exp(mu). Coverage must be >= 95%.
+    rng = random.Random(1)
+    trials, n, covered = 2000, 15, 0
+    for _ in range(trials):
+        low, high = median_interval([rng.lognormvariate(0.0, 0.5) for _ in range(n)])
+        covered += low <= 1.0 <= high
+    assert covered / trials >= 0.95
+
+
+@pytest.mark.slow
+def test_throughput_script_compares_equal_sized_models_and_writes_json(tmp_path):
+    out = tmp_path / "t.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--sizes", "nano", "--reps", "5",
+         "--warmup", "1", "--threads", "1", "--json", str(out), "--min-ratio", "0.01"],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "| nano |" in proc.stdout and "ratio (95% CI)" in proc.stdout
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["tokens_per_step"] == 16 * 32
+    assert row["ratio_low"] <= row["ratio"] <= row["ratio_high"]
+    assert 0 < row["mfu_measured"] < 1.5  # measured peak is a real matmul: MFU is a fraction
+
+
+@pytest.mark.slow
+def test_throughput_script_fails_when_course_lib_is_beyond_noise_slower(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--sizes", "nano", "--reps", "5",
+         "--warmup", "1", "--threads", "1", "--min-ratio", "1000"],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 1
+    assert "slower than 1000.0x the reference at nano" in proc.stderr
+
+
+@pytest.mark.slow
+def test_qkv_fusion_benchmark_prints_equal_gradients_and_the_saving():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "qkv_fusion.py"), "--reps", "3", "--threads", "1"],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith(("| tiny", "| small"))]
+    assert [r[0].strip() for r in rows] == ["tiny", "small"]
+    for row in rows:
+        assert float(row[6]) < 1e-4  # the fused GEMM computes the same gradients
+        assert "% of" in row[7]
