@@ -191,7 +191,9 @@ def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device |
     """AdamW over the trainable parameters; weight decay on 2-D weights only.
 
     Biases and LayerNorm gains are not decayed (decaying them only hurts). The tied
-    embedding/head matrix appears once. On CUDA the fused kernel is used.
+    embedding/head matrix appears once. On CUDA and CPU the fused kernel is used: one kernel
+    for the whole update, about 5x faster than the default multi-tensor path on CPU
+    (``benchmarks/optimizers.py``).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -201,7 +203,7 @@ def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device |
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"]]
-    fused = True if torch.device(device).type == "cuda" else None
+    fused = True if torch.device(device).type in ("cuda", "cpu") else None
     return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps, fused=fused)
 
 

@@ -78,3 +78,17 @@ def test_qkv_fusion_benchmark_prints_equal_gradients_and_the_saving():
     for row in rows:
         assert float(row[6]) < 1e-4  # the fused GEMM computes the same gradients
         assert "% of" in row[7]
+
+
+@pytest.mark.slow
+def test_optimizer_benchmark_times_three_adamw_variants_that_agree():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "optimizers.py"), "--reps", "2", "--threads", "1"],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith(("| tiny", "| small"))]
+    assert len(rows) == 2
+    for row in rows:
+        assert 5e-4 < float(row[6]) < 2e-3  # the optimizer really stepped: Adam moves weights by ~lr
+        assert float(row[7]) < 1e-5  # and all three variants computed the same update

@@ -9,7 +9,7 @@ import torch
 from course_lib.checkpoint import latest_checkpoint, load_checkpoint
 from course_lib.data import RandomWindowBatches
 from course_lib.model import GPT, IGNORE_INDEX, GPTConfig
-from course_lib.training import TrainConfig, accumulate_gradients, evaluate, train
+from course_lib.training import TrainConfig, accumulate_gradients, evaluate, make_optimizer, train
 
 V = 40
 
@@ -200,6 +200,33 @@ def test_clipping_happens_on_the_true_gradient():
 def test_bad_configs_raise_clear_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**kwargs)
+
+
+def test_optimizer_is_fused_on_cpu_and_matches_the_plain_adamw_loop():
+    torch.manual_seed(0)
+    # float64, so the two update rules must agree far below the size of any single term
+    # (lr * weight_decay * |w| is about 2e-5 here)
+    model = GPT(GPTConfig(vocab_size=32, block_size=8, n_layer=1, n_head=2, n_embd=16)).double()
+    reference = copy.deepcopy(model)
+    config = TrainConfig(lr=1e-2, weight_decay=0.1)
+    opt = make_optimizer(model, config, "cpu")
+    assert opt.defaults["fused"] is True
+    decayed = {id(p) for p in opt.param_groups[0]["params"]}
+    # reference: torch's single-tensor AdamW loop, same decay split (2-D weights only)
+    ref_params = list(reference.parameters())
+    ref_opt = torch.optim.AdamW(
+        [{"params": [p for p in ref_params if p.dim() >= 2], "weight_decay": 0.1},
+         {"params": [p for p in ref_params if p.dim() < 2], "weight_decay": 0.0}],
+        lr=1e-2, betas=config.betas, eps=config.eps, foreach=False)
+    assert {id(p) for p in model.parameters() if p.dim() >= 2} == decayed
+    ids = torch.randint(0, 32, (4, 8))
+    for _ in range(5):
+        for m, o in ((model, opt), (reference, ref_opt)):
+            m(ids, labels=ids).loss.backward()
+            o.step()
+            o.zero_grad()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-10)
 
 
 def test_eval_data_must_be_reiterable():
