@@ -39,14 +39,25 @@ def test_median_interval_covers_the_true_median_of_a_skewed_distribution():
     assert covered / trials >= 0.95
 
 
+def run_benchmark(script: str, *args: str) -> subprocess.CompletedProcess:
+    """Run ``benchmarks/<script>`` on one thread with ``args``."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--threads", "1", *args],
+        capture_output=True, text=True, timeout=240,
+    )
+
+
+def table_rows(stdout: str) -> dict[str, list[str]]:
+    """The cells of the printed table's tiny and small rows, by size."""
+    rows = [line.split("|")[1:-1] for line in stdout.splitlines() if line.startswith(("| tiny", "| small"))]
+    return {row[0].strip(): [cell.strip() for cell in row] for row in rows}
+
+
 @pytest.mark.slow
 def test_throughput_script_compares_equal_sized_models_and_writes_json(tmp_path):
     out = tmp_path / "t.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--sizes", "nano", "--reps", "5",
-         "--warmup", "1", "--threads", "1", "--json", str(out), "--min-ratio", "0.01"],
-        capture_output=True, text=True, timeout=240,
-    )
+    proc = run_benchmark("throughput.py", "--sizes", "nano", "--reps", "5", "--warmup", "1",
+                         "--json", str(out), "--min-ratio", "0.01")
     assert proc.returncode == 0, proc.stderr
     assert "| nano |" in proc.stdout and "ratio (95% CI)" in proc.stdout
     (row,) = json.loads(out.read_text())["rows"]
@@ -56,39 +67,29 @@ def test_throughput_script_compares_equal_sized_models_and_writes_json(tmp_path)
 
 
 @pytest.mark.slow
-def test_throughput_script_fails_when_course_lib_is_beyond_noise_slower(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--sizes", "nano", "--reps", "5",
-         "--warmup", "1", "--threads", "1", "--min-ratio", "1000"],
-        capture_output=True, text=True, timeout=240,
-    )
+def test_throughput_script_fails_when_course_lib_is_beyond_noise_slower():
+    proc = run_benchmark("throughput.py", "--sizes", "nano", "--reps", "5", "--warmup", "1", "--min-ratio", "1000")
     assert proc.returncode == 1
     assert "slower than 1000.0x the reference at nano" in proc.stderr
 
 
 @pytest.mark.slow
 def test_qkv_fusion_benchmark_prints_equal_gradients_and_the_saving():
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "qkv_fusion.py"), "--reps", "3", "--threads", "1"],
-        capture_output=True, text=True, timeout=240,
-    )
+    proc = run_benchmark("qkv_fusion.py", "--reps", "3")
     assert proc.returncode == 0, proc.stderr
-    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith(("| tiny", "| small"))]
-    assert [r[0].strip() for r in rows] == ["tiny", "small"]
-    for row in rows:
+    rows = table_rows(proc.stdout)
+    assert list(rows) == ["tiny", "small"]
+    for row in rows.values():
         assert float(row[6]) < 1e-4  # the fused GEMM computes the same gradients
         assert "% of" in row[7]
 
 
 @pytest.mark.slow
 def test_optimizer_benchmark_times_three_adamw_variants_that_agree():
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "optimizers.py"), "--reps", "2", "--threads", "1"],
-        capture_output=True, text=True, timeout=240,
-    )
+    proc = run_benchmark("optimizers.py", "--reps", "2")
     assert proc.returncode == 0, proc.stderr
-    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith(("| tiny", "| small"))]
-    assert len(rows) == 2
-    for row in rows:
+    rows = table_rows(proc.stdout)
+    assert list(rows) == ["tiny", "small"]
+    for row in rows.values():
         assert 5e-4 < float(row[6]) < 2e-3  # the optimizer really stepped: Adam moves weights by ~lr
         assert float(row[7]) < 1e-5  # and all three variants computed the same update
