@@ -4,9 +4,10 @@
         Regenerate ``assessments/<assignment>/<name>.ipynb`` (student versions: solutions and
         hidden tests removed) from ``solutions/`` and record the tests in the gradebook.
 
-    python scripts/grade.py grade SUBMISSIONS [--assignment A] [--lms-regex REGEX]
+    python scripts/grade.py grade SUBMISSIONS [--assignment A] [--lms-regex REGEX] [--jobs N]
         Autograde every submission found in SUBMISSIONS, write feedback HTML and a grades CSV
-        under ``grading/``, and print a summary. SUBMISSIONS may be laid out as
+        under ``grading/``, and print a summary. ``--jobs N`` grades N submissions at a time
+        in N worker processes (they share the SQLite gradebook). SUBMISSIONS may be laid out as
 
         * ``SUBMISSIONS/<student>/<assignment>/<name>.ipynb`` (nbgrader's own layout),
         * ``SUBMISSIONS/<student>/<name>.ipynb`` (the assignment is found from the notebook name),
@@ -27,14 +28,18 @@ from __future__ import annotations
 import argparse
 import csv
 import functools
+import json
 import os
+import queue
 import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import warnings
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from traitlets.config import Config
@@ -74,6 +79,9 @@ def load_config(root: Path | None = None, timeout_s: int | None = None) -> Confi
         config.CourseDirectory.db_url = "sqlite:///" + str(Path(root) / "grading" / "gradebook.db")
     if timeout_s is not None:
         config.Execute.timeout = timeout_s
+    # Parallel graders (--jobs) write to one SQLite gradebook: wait for its lock, don't fail.
+    if config.CourseDirectory.db_url.startswith("sqlite:") and "?" not in config.CourseDirectory.db_url:
+        config.CourseDirectory.db_url += "?timeout=60"
     return config
 
 
@@ -291,16 +299,86 @@ def summary(outcomes: list[Outcome]) -> str:
     return "\n".join(lines)
 
 
-def grade_all(api, pairs: list[tuple[str, str]]) -> list[Outcome]:
-    """Grade every ``(assignment, student)`` pair, one at a time, printing progress."""
-    outcomes = []
-    for i, (assignment, student) in enumerate(pairs, start=1):
-        outcome = grade_one(api, assignment, student)
+def _grade_with_workers(api, pairs: list[tuple[str, str]], jobs: int, report) -> dict[tuple[str, str], Outcome]:
+    """Grade ``pairs`` in ``jobs`` worker processes (``grade-worker``), each taking the next pair when free.
+
+    A worker reads one JSON ``[assignment, student]`` per line and answers one JSON outcome per
+    line; its other output goes to ``grading/logs/worker-<k>.log``. A worker that dies fails only
+    the submission it held and is restarted.
+    """
+    todo: queue.SimpleQueue = queue.SimpleQueue()
+    for pair in pairs:
+        todo.put(pair)
+    done: dict[tuple[str, str], Outcome] = {}
+    lock = threading.Lock()
+    cmd = [sys.executable, __file__, "--root", str(api.coursedir.root), "grade-worker",
+           "--release-directory", api.coursedir.release_directory,
+           "--cell-timeout", str(api.config.Execute.timeout)]
+    logs = Path(api.coursedir.root) / "grading" / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+
+    def work(k: int) -> None:
+        with open(logs / f"worker-{k}.log", "w") as log:
+            proc = None
+            while True:
+                try:
+                    assignment, student = todo.get_nowait()
+                except queue.Empty:
+                    break
+                if proc is None or proc.poll() is not None:
+                    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                                            text=True, cwd=REPO)
+                proc.stdin.write(json.dumps([assignment, student]) + "\n")
+                proc.stdin.flush()
+                line = proc.stdout.readline()
+                outcome = (Outcome(**json.loads(line)) if line else
+                           Outcome(assignment, student, ok=False, error=f"grader process died (see {log.name})"))
+                with lock:
+                    done[(assignment, student)] = outcome
+                    report(len(done), outcome)
+            if proc is not None:
+                proc.stdin.close()
+                proc.wait(timeout=60)
+
+    with ThreadPoolExecutor(jobs) as pool:
+        for future in [pool.submit(work, k) for k in range(jobs)]:
+            future.result()
+    return done
+
+
+def grade_worker(api) -> None:
+    """The ``grade-worker`` loop: grade each ``[assignment, student]`` read from stdin, answer in JSON."""
+    answers = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # anything else printed goes to the log
+    for line in sys.stdin:
+        assignment, student = json.loads(line)
+        answers.write(json.dumps(asdict(grade_one(api, assignment, student))) + "\n")
+        answers.flush()
+
+
+def grade_all(api, pairs: list[tuple[str, str]], jobs: int = 1) -> list[Outcome]:
+    """Grade every ``(assignment, student)`` pair, ``jobs`` at a time, printing progress.
+
+    Returns the outcomes in the order of ``pairs``. With ``jobs > 1`` the submissions are graded
+    by that many worker processes; the kernels of the distributed exercise start worker processes of their
+    own, so keep ``jobs`` at or below half the CPU cores.
+    """
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+
+    def report(i: int, outcome: Outcome) -> None:
         status = (f"{outcome.score:g}/{outcome.max_score:g}" + (f" ({outcome.pending:g} to grade by hand)"
                   if outcome.pending else "") if outcome.ok else "FAILED: " + outcome.error)
-        print(f"[{i}/{len(pairs)}] {student} {assignment}: {status}", flush=True)
-        outcomes.append(outcome)
-    return outcomes
+        print(f"[{i}/{len(pairs)}] {outcome.student} {outcome.assignment}: {status}", flush=True)
+
+    if jobs == 1:
+        outcomes = []
+        for i, (assignment, student) in enumerate(pairs, start=1):
+            outcomes.append(grade_one(api, assignment, student))
+            report(i, outcomes[-1])
+        return outcomes
+    done = _grade_with_workers(api, pairs, jobs, report)
+    return [done[pair] for pair in pairs]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -315,10 +393,23 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--lms-regex", default=DEFAULT_LMS_REGEX,
                    help="regex with (?P<student_id>...) and (?P<file_id>...) for LMS file names")
     g.add_argument("--csv", type=Path, default=None, help="default: <root>/grading/grades.csv")
+    g.add_argument("--jobs", type=int, default=1,
+                   help="submissions graded at once, by that many worker processes (at most half the CPU cores)")
+    one = sub.add_parser("grade-worker", help="grade collected submissions named on stdin (used by --jobs)")
+    one.add_argument("--release-directory", default=None)
+    one.add_argument("--cell-timeout", type=int, default=None)
     args = parser.parse_args(argv)
 
     if args.root is not None and not (args.root / "solutions").is_dir():
         parser.error(f"--root {args.root} has no solutions/ folder (copy or clone the course's solutions/ there)")
+    if args.command == "grade-worker":
+        api = make_api(load_config(args.root, timeout_s=args.cell_timeout))
+        if args.release_directory:
+            api.coursedir.release_directory = args.release_directory
+        grade_worker(api)
+        return 0
+    if args.command == "grade" and args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
     api = make_api(load_config(args.root))
     root = Path(api.coursedir.root)
     if args.command == "release":
@@ -342,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     if not pairs:
         print("no submissions found")
         return 1
-    outcomes = grade_all(api, pairs)
+    outcomes = grade_all(api, pairs, jobs=args.jobs)
     csv_path = args.csv or root / "grading" / "grades.csv"
     write_csv(outcomes, csv_path)
     print()

@@ -395,3 +395,25 @@ def test_make_grade_collects_an_lms_zip_download(tmp_path):
     top = sum(p for p, _ in _points("quiz").values())
     assert float(rows["alice"]["score"]) == top and float(rows["bob"]["score"]) == 0
     assert not (root / "assessments").exists(), "grading must not rewrite the student versions"
+
+
+@pytest.mark.slow
+def test_parallel_grading_gives_the_sequential_scores(graded, tmp_path):
+    """`make grade ... JOBS=2`: two worker processes share the gradebook and agree with one-at-a-time grading."""
+    root = tmp_path / "course"
+    shutil.copytree(REPO / "solutions", root / "solutions")
+    submissions = tmp_path / "submissions"
+    for assignment in ("quiz", "ex2_memory"):
+        (name,) = ASSIGNMENTS[assignment]
+        for student, folder in (("solution", "solutions"), ("blank", "assessments")):
+            dest = submissions / student / f"{name}.ipynb"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(_nb_path(REPO, folder, assignment), dest)
+    assert grade.main(["--root", str(root), "grade", str(submissions), "--jobs", "2"]) == 0
+    rows = {(r["student"], r["assignment"]): r for r in csv.DictReader(open(root / "grading" / "grades.csv"))}
+    assert len(rows) == 4
+    for (student, assignment), row in rows.items():
+        sequential = graded[(assignment, student)]
+        assert row["status"] == "graded"
+        assert float(row["score"]) == sequential.score and float(row["max_score"]) == sequential.max_score
+    assert (root / "grading" / "logs" / "worker-1.log").is_file()
