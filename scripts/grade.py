@@ -26,6 +26,7 @@ Everything nbgrader writes goes to the git-ignored ``grading/`` folder (see
 from __future__ import annotations
 
 import argparse
+import ast
 import csv
 import functools
 import json
@@ -39,7 +40,7 @@ import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from traitlets.config import Config
@@ -205,6 +206,109 @@ def zip_collect(api, download: Path, assignment: str, lms_regex: str = DEFAULT_L
 
 
 # ---------------------------------------------------------------------------------------------
+# Review flags: code that could fool a hidden test
+
+def _python(source: str) -> ast.Module | None:
+    """A cell's code as a syntax tree (IPython magics and shell lines dropped); None if it does not parse."""
+    lines = [line for line in source.splitlines() if not line.lstrip().startswith(("%", "!"))]
+    try:
+        return ast.parse("\n".join(lines))
+    except SyntaxError:
+        return None
+
+
+def _bindings(tree: ast.Module) -> dict[str, str]:
+    """Names a cell binds in the notebook's namespace (not its functions' locals).
+
+    Maps each name to what an import binds it to (``"torch.nn"``, ``"course_lib.model.GPT"``), or
+    to ``""`` for any other binding (assignment, ``def``, ``class``, loop variable).
+    """
+    names: dict[str, str] = {}
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names[node.name] = ""
+            return
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                names[a.asname or a.name.split(".")[0]] = a.name if a.asname else a.name.split(".")[0]
+        elif isinstance(node, ast.ImportFrom):
+            for a in node.names:
+                names[a.asname or a.name] = f"{node.module}.{a.name}"
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names[node.id] = ""
+        elif isinstance(node, ast.Lambda):
+            return
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    for statement in tree.body:
+        visit(statement)
+    return names
+
+
+def _attribute_root(node: ast.AST) -> str | None:
+    while isinstance(node, ast.Attribute):
+        node = node.value
+    return node.id if isinstance(node, ast.Name) else None
+
+
+def review_flags(source_path: Path, submitted_path: Path) -> list[str]:
+    """Why a person should look at a submission, found by reading its code (nothing is run).
+
+    nbgrader restores the locked and test cells before grading, but not the names they define:
+    a student's cell that rebinds a name from a locked cell (a helper a hidden test calls, a
+    reference result), assigns into something a locked cell imported
+    (``torch.testing.assert_close = ...``, ``GPT.forward = ...``, also through ``setattr``) or
+    calls ``globals``/``exec``/``eval`` could make a test pass. Names the model solution binds
+    in its own answer cells, and re-imports of the same object, are not flagged.
+    """
+    import nbformat
+
+    source = nbformat.read(source_path, as_version=4)
+    try:
+        submitted = nbformat.read(submitted_path, as_version=4)
+    except Exception:  # an unreadable submission fails grading with its own error
+        return []
+    locked: dict[str, str] = {}
+    allowed: set[str] = set()
+    locked_ids: set[str] = set()
+    for cell in source.cells:
+        meta = cell.metadata.get("nbgrader", {})
+        tree = _python(cell.source) if cell.cell_type == "code" else None
+        if tree is None:
+            continue
+        if meta.get("locked"):
+            locked_ids.add(meta.get("grade_id"))
+            locked.update(_bindings(tree))
+        elif meta.get("solution"):
+            allowed |= set(_bindings(tree))
+    imported = {name for name, target in locked.items() if target}  # modules, classes, functions
+    flags: list[str] = []
+    for index, cell in enumerate(submitted.cells, start=1):
+        if cell.cell_type != "code" or cell.metadata.get("nbgrader", {}).get("grade_id") in locked_ids:
+            continue  # locked and test cells are replaced by the source's before grading
+        tree = _python(cell.source)
+        if tree is None:
+            continue
+        where = f"cell {index}"
+        for name, target in sorted(_bindings(tree).items()):
+            if name in locked and name not in allowed and not (target and target == locked[name]):
+                flags.append(f"{where} redefines {name!r} from a locked cell")
+        for node in ast.walk(tree):
+            targets = node.targets if isinstance(node, ast.Assign) else (
+                [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else [])
+            for target in targets:
+                if isinstance(target, ast.Attribute) and _attribute_root(target) in imported:
+                    flags.append(f"{where} assigns {ast.unparse(target)}")
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                if node.func.id in ("globals", "exec", "eval") or (
+                        node.func.id == "setattr" and node.args and _attribute_root(node.args[0]) in imported):
+                    flags.append(f"{where} calls {node.func.id}()")
+    return list(dict.fromkeys(flags))
+
+
+# ---------------------------------------------------------------------------------------------
 # Grading
 
 
@@ -214,7 +318,8 @@ class Outcome:
 
     ``score`` counts every point awarded so far (autograded tests, written answers left blank
     score 0); ``pending`` is the points of written answers that wait for a person
-    (``nbgrader formgrader``); ``seconds`` is the autograding time.
+    (``nbgrader formgrader``); ``seconds`` is the autograding time; ``review`` lists the
+    places in the student's code a person should look at (:func:`review_flags`).
     """
 
     assignment: str
@@ -226,6 +331,7 @@ class Outcome:
     seconds: float = 0.0
     error: str = ""
     feedback: str = ""
+    review: list[str] = field(default_factory=list)
 
 
 def cell_scores(api, assignment: str, student: str) -> dict[str, tuple[float | None, float, bool]]:
@@ -251,8 +357,13 @@ def grade_one(api, assignment: str, student: str) -> Outcome:
     result = api.autograde(assignment, student, force=True, create=True)
     seconds = time.monotonic() - start
     (log_dir / f"{student}.log").write_text((result.get("log") or "") + (result.get("error") or ""))
+    source = Path(api.coursedir.format_path(api.coursedir.source_directory, ".", assignment))
+    submitted = Path(api.coursedir.format_path(api.coursedir.submitted_directory, student, assignment))
+    review = [flag for name in assignment_notebooks(root)[assignment]
+              for flag in review_flags(source / f"{name}.ipynb", submitted / f"{name}.ipynb")]
     if not result["success"]:
-        return Outcome(assignment, student, ok=False, seconds=seconds, error=_last_error_line(result))
+        return Outcome(assignment, student, ok=False, seconds=seconds, error=_last_error_line(result),
+                       review=review)
     cells = cell_scores(api, assignment, student).values()
     feedback = api.generate_feedback(assignment, student, force=True)
     path = ""
@@ -266,20 +377,22 @@ def grade_one(api, assignment: str, student: str) -> Outcome:
         pending=sum(top for _, top, manual in cells if manual),
         seconds=seconds, feedback=path,
         error="" if feedback["success"] else "feedback: " + _last_error_line(feedback),
+        review=review,
     )
 
 
 def write_csv(outcomes: list[Outcome], path: Path) -> None:
-    """One row per (student, assignment): points so far, maximum, points waiting for a person, status."""
+    """One row per (student, assignment): points so far, maximum, points waiting for a person, status,
+    and the places in the code a person should review."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["student", "assignment", "status", "score", "max_score", "manual_points_pending",
-                    "feedback", "error"])
+                    "feedback", "error", "review"])
         for o in sorted(outcomes, key=lambda o: (o.student, o.assignment)):
             w.writerow([o.student, o.assignment, "graded" if o.ok else "FAILED",
                         f"{o.score:g}" if o.ok else "", f"{o.max_score:g}" if o.ok else "",
-                        f"{o.pending:g}" if o.ok else "", o.feedback, o.error])
+                        f"{o.pending:g}" if o.ok else "", o.feedback, o.error, "; ".join(o.review)])
 
 
 def summary(outcomes: list[Outcome]) -> str:
@@ -296,6 +409,10 @@ def summary(outcomes: list[Outcome]) -> str:
     for o in outcomes:
         if not o.ok or o.error:
             lines.append(f"  {o.student}/{o.assignment}: {'FAILED ' if not o.ok else ''}{o.error}")
+    flagged = [o for o in outcomes if o.review]
+    if flagged:
+        lines.append(f"{len(flagged)} submission(s) to review (code that could fool a test; see the CSV's review column):")
+        lines += [f"  {o.student}/{o.assignment}: {'; '.join(o.review)}" for o in flagged]
     return "\n".join(lines)
 
 

@@ -41,6 +41,7 @@ PARTIAL = {
     "ex3_peft": ({"lora-layer-answer"}, {"lora-layer-test", "lora-merge-test"}, "lora-model-test"),
 }
 EDITED_TEST_SOURCE = "# I fixed this test\nprint('all tests passed')"
+SHADOW_SOURCE = "def check_step(*args, **kwargs):\n    pass"
 
 
 def _nb_path(root: Path, folder: str, assignment: str) -> Path:
@@ -157,6 +158,40 @@ def test_release_hides_solutions_and_hidden_tests(assignment):
     assert "### BEGIN SOLUTION" in source_text
 
 
+@pytest.mark.parametrize("assignment", sorted(ASSIGNMENTS))
+def test_review_flags_are_silent_on_the_solution_and_the_blank_release(assignment):
+    source = _nb_path(REPO, "solutions", assignment)
+    assert grade.review_flags(source, source) == []
+    assert grade.review_flags(source, _nb_path(REPO, "assessments", assignment)) == []
+
+
+def test_review_flags_name_each_way_to_fool_a_test(tmp_path):
+    source = _nb_path(REPO, "solutions", "ex2_memory")
+    nb = nbformat.read(source, as_version=4)
+    added = [
+        "import torch\nfrom course_lib.model import GPT",  # re-imports of the same objects: harmless
+        "def check_step(*args, **kwargs):\n    pass",
+        "torch.testing.assert_close = lambda *args, **kwargs: None",
+        "def patch():\n    setattr(GPT, 'forward', None)",
+        "globals()['window'] = []",
+        "from math import copysign as copy",  # a different object under a locked name
+        "%%time\nx = (",  # does not parse: graded as it is, not flagged
+    ]
+    nb.cells += [nbformat.v4.new_code_cell(code) for code in added]
+    path = tmp_path / "memory.ipynb"
+    nbformat.write(nb, path)
+    first = len(nb.cells) - len(added) + 1  # 1-based index of the first added cell
+    assert grade.review_flags(source, path) == [
+        f"cell {first + 1} redefines 'check_step' from a locked cell",
+        f"cell {first + 2} assigns torch.testing.assert_close",
+        f"cell {first + 3} calls setattr()",
+        f"cell {first + 4} calls globals()",
+        f"cell {first + 5} redefines 'copy' from a locked cell",
+    ]
+    (tmp_path / "broken.ipynb").write_text("{ not a notebook")
+    assert grade.review_flags(source, tmp_path / "broken.ipynb") == []
+
+
 # ------------------------------------------------------------------------------------------
 # nbgrader itself: release, validate, autograde
 
@@ -262,6 +297,12 @@ def _submissions(root: Path, out: Path) -> list[tuple[str, str]]:
                 cell.source = EDITED_TEST_SOURCE
         _write(partial, out / "partial" / f"{name}.ipynb")
         order += [(assignment, "solution"), (assignment, "blank"), (assignment, "partial")]
+    # a blank exercise 2 whose added cell replaces the helper the step tests call
+    shadow = nbformat.read(_nb_path(root, "assessments", "ex2_memory"), as_version=4)
+    after = next(i for i, c in enumerate(shadow.cells) if _meta(c).get("grade_id") == "step-reference")
+    shadow.cells.insert(after + 1, nbformat.v4.new_code_cell(SHADOW_SOURCE))
+    _write(shadow, out / "shadow" / "memory.ipynb")
+    order.append(("ex2_memory", "shadow"))
     return order
 
 
@@ -353,6 +394,18 @@ def test_syntax_error_and_deleted_cells_are_graded(course, graded):
     assert scores["q04-test"][0] == 0  # its answer cell was deleted
     assert scores["q02-test"][0] == 1  # the deleted test cell was put back and passed
     assert outcome.score == sum(p for p, _ in _points("quiz").values()) - 2
+
+
+@pytest.mark.slow
+def test_shadowed_helper_is_flagged_for_review(course, graded, tmp_path):
+    shadow, blank = graded[("ex2_memory", "shadow")], graded[("ex2_memory", "blank")]
+    assert shadow.ok and shadow.score > blank.score  # the fooled tests did pass ...
+    assert any("redefines 'check_step'" in flag for flag in shadow.review)  # ... and a person is told
+    assert not blank.review and not graded[("ex2_memory", "solution")].review
+    grade.write_csv([shadow, blank], tmp_path / "grades.csv")
+    rows = {r["student"]: r for r in csv.DictReader(open(tmp_path / "grades.csv"))}
+    assert "check_step" in rows["shadow"]["review"] and rows["blank"]["review"] == ""
+    assert "shadow/ex2_memory: cell" in grade.summary([shadow, blank])
 
 
 @pytest.mark.slow
