@@ -279,14 +279,15 @@ def review_flags(source_path: Path, submitted_path: Path) -> list[str]:
         if tree is None:
             continue
         if meta.get("locked"):
-            locked_ids.add(meta.get("grade_id") or "")
+            if meta.get("grade_id"):
+                locked_ids.add(meta["grade_id"])
             locked.update(_bindings(tree))
         elif meta.get("solution"):
             allowed |= set(_bindings(tree))
     imported = {name for name, target in locked.items() if target}  # modules, classes, functions
     flags: list[str] = []
     for index, cell in enumerate(submitted.cells, start=1):
-        if cell.cell_type != "code" or cell.metadata.get("nbgrader", {}).get("grade_id") in locked_ids - {""}:
+        if cell.cell_type != "code" or cell.metadata.get("nbgrader", {}).get("grade_id") in locked_ids:
             continue  # locked and test cells are replaced by the source's before grading
         tree = _python(cell.source)
         if tree is None:
