@@ -12,7 +12,7 @@ the matrix-multiply peak measured here (and, on CUDA, over the datasheet peak as
 peak is timed in the same alternating loop as the two models, best over the whole run, so a
 neighbour that is busy only while the peak is measured cannot push MFU above 100%.
 
-    python benchmarks/throughput.py                      # CPU table (about 1-2 minutes on 2 cores)
+    python benchmarks/throughput.py                      # CPU table (about 2 minutes on 2 cores)
     python benchmarks/throughput.py --device cuda --bf16 --compile --sizes gpt2
 """
 
