@@ -443,14 +443,22 @@ def _grade_with_workers(api, pairs: list[tuple[str, str]], jobs: int, report) ->
                     assignment, student = todo.get_nowait()
                 except queue.Empty:
                     break
-                if proc is None or proc.poll() is not None:
+                if proc is None:
                     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
                                             text=True, cwd=REPO)
-                proc.stdin.write(json.dumps([assignment, student]) + "\n")
-                proc.stdin.flush()
-                line = proc.stdout.readline()
-                outcome = (Outcome(**json.loads(line)) if line else
-                           Outcome(assignment, student, ok=False, error=f"grader process died (see {log.name})"))
+                try:
+                    proc.stdin.write(json.dumps([assignment, student]) + "\n")
+                    proc.stdin.flush()
+                    line = proc.stdout.readline()
+                except BrokenPipeError:
+                    line = ""
+                if line:
+                    outcome = Outcome(**json.loads(line))
+                else:  # the worker died: this submission fails, the next one gets a new worker
+                    proc.kill()
+                    proc.wait()
+                    proc = None
+                    outcome = Outcome(assignment, student, ok=False, error=f"grader process died (see {log.name})")
                 with lock:
                     done[(assignment, student)] = outcome
                     report(len(done), outcome)

@@ -470,3 +470,16 @@ def test_parallel_grading_gives_the_sequential_scores(graded, tmp_path):
         assert row["status"] == "graded"
         assert float(row["score"]) == sequential.score and float(row["max_score"]) == sequential.max_score
     assert (root / "grading" / "logs" / "worker-1.log").is_file()
+
+
+@pytest.mark.slow
+def test_a_dead_worker_fails_only_its_submission_and_is_restarted(course, graded):
+    _, api = course
+    seen = []
+    # grading an assignment that does not exist raises inside the worker process, which dies
+    done = grade._grade_with_workers(api, [("no_such_assignment", "solution"), ("quiz", "solution")], 1,
+                                     lambda i, outcome: seen.append(outcome.student))
+    dead, alive = done[("no_such_assignment", "solution")], done[("quiz", "solution")]
+    assert not dead.ok and "grader process died" in dead.error
+    assert alive.ok and alive.score == graded[("quiz", "solution")].score
+    assert seen == ["solution", "solution"]
