@@ -22,9 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 from course_lib.model import GPT, GPTConfig  # noqa: E402
+from throughput import DEFAULT_VOCAB  # noqa: E402  (the same shapes as the throughput table)
 
 VARIANTS = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
-VOCAB = {"tiny": 1024, "small": 4096}
+SIZES = ("tiny", "small")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,9 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     print("| size | params | " + " | ".join(f"{v} (ms)" for v in VARIANTS) + " | fused speed-up over foreach "
           "| first update | max difference from for-loop |")
     print("|---|---|" + "---|" * (len(VARIANTS) + 3))
-    for size, vocab in VOCAB.items():
+    for size in SIZES:
         torch.manual_seed(0)
-        base = GPT(GPTConfig.from_preset(size, vocab_size=vocab))
+        base = GPT(GPTConfig.from_preset(size, vocab_size=DEFAULT_VOCAB[size]))
         grads = [torch.randn_like(param) * 1e-3 for param in base.parameters()]
         models = {name: copy.deepcopy(base) for name in VARIANTS}
         for model in models.values():
