@@ -253,6 +253,30 @@ def _attribute_root(node: ast.AST) -> str | None:
     return node.id if isinstance(node, ast.Name) else None
 
 
+@functools.cache
+def _locked_names(source_path: Path) -> tuple[frozenset[str], dict[str, str], frozenset[str]]:
+    """From an assignment's source notebook (read once per grading run): the grade ids of its
+    locked cells, the names those cells bind (see :func:`_bindings`), and the names the model
+    solution's answer cells bind."""
+    import nbformat
+
+    locked: dict[str, str] = {}
+    allowed: set[str] = set()
+    locked_ids: set[str] = set()
+    for cell in nbformat.read(source_path, as_version=4).cells:
+        meta = cell.metadata.get("nbgrader", {})
+        tree = _python(cell.source) if cell.cell_type == "code" else None
+        if tree is None:
+            continue
+        if meta.get("locked"):
+            if meta.get("grade_id"):
+                locked_ids.add(meta["grade_id"])
+            locked.update(_bindings(tree))
+        elif meta.get("solution"):
+            allowed |= set(_bindings(tree))
+    return frozenset(locked_ids), locked, frozenset(allowed)
+
+
 def review_flags(source_path: Path, submitted_path: Path) -> list[str]:
     """Why a person should look at a submission, found by reading its code (nothing is run).
 
@@ -265,25 +289,11 @@ def review_flags(source_path: Path, submitted_path: Path) -> list[str]:
     """
     import nbformat
 
-    source = nbformat.read(source_path, as_version=4)
+    locked_ids, locked, allowed = _locked_names(Path(source_path))
     try:
         submitted = nbformat.read(submitted_path, as_version=4)
     except Exception:  # an unreadable submission fails grading with its own error
         return []
-    locked: dict[str, str] = {}
-    allowed: set[str] = set()
-    locked_ids: set[str] = set()
-    for cell in source.cells:
-        meta = cell.metadata.get("nbgrader", {})
-        tree = _python(cell.source) if cell.cell_type == "code" else None
-        if tree is None:
-            continue
-        if meta.get("locked"):
-            if meta.get("grade_id"):
-                locked_ids.add(meta["grade_id"])
-            locked.update(_bindings(tree))
-        elif meta.get("solution"):
-            allowed |= set(_bindings(tree))
     imported = {name for name, target in locked.items() if target}  # modules, classes, functions
     flags: list[str] = []
     for index, cell in enumerate(submitted.cells, start=1):
@@ -486,7 +496,7 @@ def grade_all(api, pairs: list[tuple[str, str]], jobs: int = 1) -> list[Outcome]
     """Grade every ``(assignment, student)`` pair, ``jobs`` at a time, printing progress.
 
     Returns the outcomes in the order of ``pairs``. With ``jobs > 1`` the submissions are graded
-    by that many worker processes; the kernels of the distributed exercise start worker processes of their
+    by that many worker processes; the distributed exercise's kernels start processes of their
     own, so keep ``jobs`` at or below half the CPU cores.
     """
     if jobs < 1:
@@ -521,9 +531,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--csv", type=Path, default=None, help="default: <root>/grading/grades.csv")
     g.add_argument("--jobs", type=int, default=1,
                    help="submissions graded at once, by that many worker processes (at most half the CPU cores)")
-    one = sub.add_parser("grade-worker", help="grade collected submissions named on stdin (used by --jobs)")
-    one.add_argument("--release-directory", default=None)
-    one.add_argument("--cell-timeout", type=int, default=None)
+    worker = sub.add_parser("grade-worker", help="grade collected submissions named on stdin (used by --jobs)")
+    worker.add_argument("--release-directory", default=None)
+    worker.add_argument("--cell-timeout", type=int, default=None)
     args = parser.parse_args(argv)
 
     if args.root is not None and not (args.root / "solutions").is_dir():
