@@ -56,6 +56,14 @@ def masked_scores(q: Tensor, k: Tensor, scale: float, allowed: Tensor | None) ->
     return s if allowed is None else s.masked_fill(~allowed, float("-inf"))
 
 
+def _allowed(tq: int, tk: int, device: torch.device, causal: bool, attn_mask: Tensor | None) -> Tensor | None:
+    allowed = attn_mask
+    if causal:
+        c = causal_allowed(torch.arange(tq, device=device), torch.arange(tk, device=device))
+        allowed = c if allowed is None else allowed & c
+    return allowed
+
+
 def naive_attention(
     q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, attn_mask: Tensor | None = None,
     scale: float | None = None,
@@ -67,14 +75,6 @@ def naive_attention(
     allowed = _allowed(q.shape[-2], k.shape[-2], q.device, causal, attn_mask)
     p = torch.softmax(masked_scores(q, k, _scale(q, scale), allowed), dim=-1)
     return p @ v
-
-
-def _allowed(tq: int, tk: int, device: torch.device, causal: bool, attn_mask: Tensor | None) -> Tensor | None:
-    allowed = attn_mask
-    if causal:
-        c = causal_allowed(torch.arange(tq, device=device), torch.arange(tk, device=device))
-        allowed = c if allowed is None else allowed & c
-    return allowed
 
 
 def safe_max(m: Tensor) -> Tensor:

@@ -38,6 +38,13 @@ def test_forward_and_gradients_equal_sdpa(causal: bool, t: int, block_q: int, bl
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_naive_equals_sdpa(causal: bool) -> None:
+    q, k, v = _qkv(2, 2, 30, 8, seed=8)
+    torch.testing.assert_close(naive_attention(q, k, v, causal=causal),
+                               F.scaled_dot_product_attention(q, k, v, is_causal=causal), rtol=0, atol=1e-12)
+
+
 def test_rectangular_and_mask_equal_sdpa() -> None:
     """Fewer queries than keys, with a boolean mask (True = may attend) as SDPA takes it."""
     q, k, v = _qkv(1, 2, 19, 4, seed=1, tk=33)
