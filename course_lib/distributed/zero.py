@@ -29,7 +29,9 @@ all-gather ``(N-1)/N B`` (stages 1 and 2: the same as DDP), one more all-gather 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,6 +83,14 @@ def expected_bytes(n_params: int, world_size: int, stage: int, param_bytes: int 
         grads=grad_bytes * (shard if stage >= 2 else full),
         optimizer=optimizer_bytes * (shard if stage >= 1 else full),
     )
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """torch 2.13 deprecates the names of the two collectives (new: ``*_single``); 2.11 has only these."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
 
 
 class _GatherParams(torch.autograd.Function):
@@ -150,14 +160,16 @@ class ZeRO:
     # -- collectives, counted ---------------------------------------------------------------
     def _all_gather(self, shard: torch.Tensor) -> torch.Tensor:
         full = torch.empty(self.shard_numel * self.world_size, dtype=shard.dtype, device=shard.device)
-        dist.all_gather_into_tensor(full, shard.detach().contiguous())
+        with _quiet():
+            dist.all_gather_into_tensor(full, shard.detach().contiguous())
         self.comm.calls.append(("all_gather", full.numel() * full.element_size()))
         return full
 
     def _reduce_scatter(self, full: torch.Tensor) -> torch.Tensor:
         """The mean over ranks of ``full``'s slice that belongs to this rank."""
         out = torch.empty(self.shard_numel, dtype=full.dtype, device=full.device)
-        dist.reduce_scatter_tensor(out, full.contiguous())
+        with _quiet():
+            dist.reduce_scatter_tensor(out, full.contiguous())
         self.comm.calls.append(("reduce_scatter", full.numel() * full.element_size()))
         return out.div_(self.world_size)
 
@@ -232,7 +244,8 @@ class ZeRO:
             full = self.flat.detach()
         else:
             full = torch.empty(self.shard_numel * self.world_size, dtype=self.shard.dtype, device=self.shard.device)
-            dist.all_gather_into_tensor(full, self.shard.detach())
+            with _quiet():
+                dist.all_gather_into_tensor(full, self.shard.detach())
         return {k: v.clone() for k, v in self._views(full).items()}
 
     def _held(self) -> Iterator[tuple[str, torch.Tensor]]:
