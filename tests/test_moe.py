@@ -11,7 +11,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from course_lib.lessons.moe import train_router_usage
 from course_lib.model import GPT, GPTConfig
-from course_lib.moe import MoEMLP, capacity, expert_ffn, load_balancing_loss, moe_flops_per_token, moe_params, route
+from course_lib.moe import (
+    MoEMLP,
+    capacity,
+    expert_ffn,
+    load_balancing_loss,
+    moe_flops_per_token,
+    moe_params,
+    route,
+)
 
 
 def logits_choosing(choices: list[list[int]], n_experts: int) -> torch.Tensor:
@@ -54,7 +62,7 @@ def test_load_balancing_loss_by_hand():
     expert = probs.argmax(dim=1, keepdim=True)  # experts 0, 0, 2, 0
     f = [3 / 4, 0 / 4, 1 / 4]
     P = [(0.7 + 0.6 + 0.1 + 0.5) / 4, (0.2 + 0.3 + 0.1 + 0.4) / 4, (0.1 + 0.1 + 0.8 + 0.1) / 4]
-    hand = 3 * sum(fi * pi for fi, pi in zip(f, P))
+    hand = 3 * sum(fi * pi for fi, pi in zip(f, P, strict=True))
     assert load_balancing_loss(probs, expert).item() == pytest.approx(hand, rel=1e-6)
     uniform = torch.full((6, 3), 1 / 3)
     assert load_balancing_loss(uniform, torch.tensor([[0], [1], [2], [0], [1], [2]])).item() == pytest.approx(1.0)
@@ -92,7 +100,7 @@ def test_moe_output_and_gradients_equal_a_dense_reference(k, capacity_factor):
     ref = dense_reference(moe, x)
     ref_grads = torch.autograd.grad(ref, [*moe.parameters()], go)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
-    for g, rg in zip(grads, ref_grads):
+    for g, rg in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g, rg, rtol=0, atol=1e-12)
 
 

@@ -60,7 +60,7 @@ def test_every_stage_takes_the_single_process_step(world):
 
     for rank, by_variant in enumerate(results):
         for variant, r in by_variant.items():
-            for step, (got, want) in enumerate(zip(r["params"], reference)):
+            for step, (got, want) in enumerate(zip(r["params"], reference, strict=True)):
                 torch.testing.assert_close(got, want, rtol=0, atol=1e-10, msg=f"{variant} rank {rank} step {step}")
         # bytes held per rank: exactly the formula (padded slices), 8 + 8 + 16 bytes/param in float64
         for stage, variant in enumerate(("ddp", "zero1", "zero2", "zero3")):
@@ -88,6 +88,18 @@ def test_every_stage_takes_the_single_process_step(world):
             assert comm["zero3_keep"] == {"all_gather": B, "reduce_scatter": B}
     # shards do not overlap: together the ranks hold the (padded) parameters exactly once
     assert sum(r["zero3"]["bytes"].params for r in results) == F64 * padded
+
+
+@pytest.mark.distributed
+def test_zero3_frees_the_gathered_parameters_after_the_forward_unless_told_to_keep_them():
+    config = GPTConfig.from_preset("nano", vocab_size=38, block_size=8)
+    torch.manual_seed(0)
+    state = GPT(config).double().state_dict()
+    batch = torch.randint(0, config.vocab_size, (4, 9))
+    full_bytes = F64 * GPT(config).num_params()
+    for r in launch.spawn(lessons.resharding_worker, 2, config, state, batch, timeout_s=120):
+        assert r[True] == (0, 0)  # ZeRO-3: nothing full survives the forward
+        assert r[False] == (full_bytes, 0)  # kept for the backward (FSDP reshard_after_forward=False)
 
 
 def test_comm_log_applies_the_ring_factors():

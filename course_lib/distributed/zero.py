@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -153,6 +154,7 @@ class ZeRO:
         self.comm = CommLog()
         self._regathered: torch.Tensor | None = None
         self._gathered_ptr: int | None = None
+        self._gathered: list[weakref.ref[torch.Tensor]] = []  # every full buffer all-gathered, while alive
         # the module's own parameters are replaced by views of the flat buffer: free them
         for p in module.parameters():
             p.data = torch.empty(0, dtype=p.dtype, device=p.device)
@@ -163,6 +165,7 @@ class ZeRO:
         with _quiet():
             dist.all_gather_into_tensor(full, shard.detach().contiguous())
         self.comm.calls.append(("all_gather", full.numel() * full.element_size()))
+        self._gathered = [ref for ref in self._gathered if ref() is not None] + [weakref.ref(full)]
         return full
 
     def _reduce_scatter(self, full: torch.Tensor) -> torch.Tensor:
@@ -176,7 +179,7 @@ class ZeRO:
     # -- forward ----------------------------------------------------------------------------
     def _views(self, full: torch.Tensor) -> dict[str, torch.Tensor]:
         views, offset = {}, 0
-        for name, shape, n in zip(self.names, self.shapes, self.numels):
+        for name, shape, n in zip(self.names, self.shapes, self.numels, strict=True):
             views[name] = full[offset : offset + n].view(shape)
             offset += n
         return views
@@ -247,6 +250,15 @@ class ZeRO:
             with _quiet():
                 dist.all_gather_into_tensor(full, self.shard.detach())
         return {k: v.clone() for k, v in self._views(full).items()}
+
+    @property
+    def gathered_bytes(self) -> int:
+        """Bytes of all-gathered full parameter buffers alive right now (not counting stage 1/2's own).
+
+        At stage 3 with ``reshard_after_forward`` it is 0 between the forward and the backward;
+        without it, the full parameters stay alive (held by the autograd graph) until the backward.
+        """
+        return sum(t.numel() * t.element_size() for ref in self._gathered if (t := ref()) is not None)
 
     def _held(self) -> Iterator[tuple[str, torch.Tensor]]:
         if self.flat is not None:
