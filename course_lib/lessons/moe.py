@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from course_lib.distributed.expert_parallel import ExpertParallelMoE
+from course_lib.distributed.launch import rank_device
 from course_lib.moe import MoEMLP
 
 
@@ -18,12 +19,13 @@ def expert_parallel_worker(rank: int, world_size: int, moe_args: dict[str, Any],
     Returns this rank's output, the gradients of its input and of its experts' weights, the router
     gradient averaged over ranks (as DDP would), and the rows it sent to other ranks.
     """
-    moe = MoEMLP(**moe_args).to(next(iter(state.values())).dtype)
+    device = rank_device()
+    moe = MoEMLP(**moe_args).to(device=device, dtype=next(iter(state.values())).dtype)
     moe.load_state_dict(state)
     layer = ExpertParallelMoE(moe)
-    x = inputs[rank].clone().requires_grad_()
+    x = inputs[rank].to(device).clone().requires_grad_()
     out = layer(x)
-    out.backward(grad_outputs[rank])
+    out.backward(grad_outputs[rank].to(device))
     router_grad = layer.router.weight.grad.clone()
     dist.all_reduce(router_grad)
     return {"out": out.detach(), "grad_x": x.grad, "router_grad": router_grad / world_size,

@@ -124,10 +124,10 @@ def resharding_worker(rank: int, world_size: int, config: GPTConfig, state: dict
     """ZeRO-3 with and without ``reshard_after_forward``: gathered bytes alive after forward, after backward."""
     out = {}
     for reshard in (True, False):
-        model = GPT(config).to(dtype=next(iter(state.values())).dtype)
+        model = GPT(config).to(device=rank_device(), dtype=next(iter(state.values())).dtype)
         model.load_state_dict(state)
         zero = ZeRO(model, stage=3, reshard_after_forward=reshard, lr=1e-2)
-        loss = _loss(zero, batch.chunk(world_size)[rank])
+        loss = _loss(zero, batch.chunk(world_size)[rank].to(rank_device()))
         after_forward = zero.gathered_bytes
         loss.backward()
         out[reshard] = (after_forward, zero.gathered_bytes)
