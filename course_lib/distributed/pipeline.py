@@ -24,6 +24,7 @@ This module has three layers:
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Sequence
 from functools import partial
@@ -464,6 +465,11 @@ def torch_pipeline_step(
     device = next(stage.parameters()).device
     n_real = int((labels != IGNORE_INDEX).sum())
     pipe_stage = PipelineStage(stage, rank, n_stages, device)
+    if "scale_grads" not in inspect.signature(schedules[kind].__init__).parameters:
+        raise RuntimeError(
+            f"torch {torch.__version__}: {schedules[kind].__name__} takes no scale_grads= argument, which this "
+            "step needs for the full-batch gradient; the course needs torch >= 2.11 (see pyproject.toml)"
+        )
     runner = schedules[kind](pipe_stage, microbatches, loss_fn=partial(_summed_loss, n_real=n_real),
                              scale_grads=False)
     first, last = rank == 0, rank == n_stages - 1
