@@ -138,7 +138,7 @@ def _pair_violations(a: int, log_a: list[P2PRecord], b: int, log_b: list[P2PReco
                 ids.append(key)
                 by_id.setdefault(key, {})[me] = (i, rec)
             match[me].append(ids)
-    for key, ends in sorted(by_id.items()):
+    for _key, ends in sorted(by_id.items()):
         if len(ends) == 1:
             (who, (i, rec)), = ends.items()
             out.append(f"ranks {a} and {b}: rank {who}'s op #{i} towards rank {a + b - who} ({rec.describe()}) "
@@ -160,7 +160,7 @@ def _pair_violations(a: int, log_a: list[P2PRecord], b: int, log_b: list[P2PReco
             def show(r: int) -> str:
                 if pos[r] >= len(slots[r]):
                     return f"rank {r} has nothing left to post"
-                waiting = [f"op #{i} (0-based) towards rank {a + b - r}: {rec.describe()}" for (i, rec), key in zip(slots[r][pos[r]], match[r][pos[r]])
+                waiting = [f"op #{i} (0-based) towards rank {a + b - r}: {rec.describe()}" for (i, rec), key in zip(slots[r][pos[r]], match[r][pos[r]], strict=True)
                            if key in left[r][pos[r]]]
                 return f"rank {r} waits in " + ", ".join(waiting)
             out.append(f"NCCL deadlock between ranks {a} and {b}: {show(a)}; {show(b)}. Each op's partner is "

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from nccl_rules import run_checked
 
 from course_lib.distributed import data_parallel as dp
 from course_lib.distributed.launch import spawn
 from course_lib.model import GPT, IGNORE_INDEX, GPTConfig
 from course_lib.training import TrainConfig, train
-from nccl_rules import run_checked
 
 CONFIG = GPTConfig.from_preset("nano", vocab_size=50)
 ROWS, SEQ = 8, 16  # 8 rows split over 2 or 4 ranks, and again into 2 micro-batches

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import re
 import socket
-import tomllib
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import tomllib
 import torch
 import torch.distributed as dist
 

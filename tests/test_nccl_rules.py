@@ -8,10 +8,6 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-
-from course_lib.distributed import pipeline as pp
-from course_lib.distributed.launch import spawn
-from course_lib.model import GPT, IGNORE_INDEX, GPTConfig
 from nccl_rules import (
     CollectiveRecord,
     NcclRules,
@@ -19,6 +15,10 @@ from nccl_rules import (
     collective_order_violations,
     p2p_violations,
 )
+
+from course_lib.distributed import pipeline as pp
+from course_lib.distributed.launch import spawn
+from course_lib.model import GPT, IGNORE_INDEX, GPTConfig
 
 # ------------------------------------------------------------------ the checker's logic (no processes)
 

@@ -6,11 +6,11 @@ import itertools
 
 import pytest
 import torch
+from nccl_rules import run_checked
 
 from course_lib.distributed import pipeline as pp
 from course_lib.distributed.launch import spawn
 from course_lib.model import GPT, IGNORE_INDEX, GPTConfig
-from nccl_rules import run_checked
 
 # ------------------------------------------------------------------ placement
 

@@ -6,10 +6,10 @@ import copy
 
 import pytest
 import torch
+from nccl_rules import run_checked
 
 from course_lib.distributed import launch, sharding
 from course_lib.model import GPT, GPTConfig
-from nccl_rules import run_checked
 
 
 def test_bytes_per_rank_of_a_plain_model_counts_everything_once():

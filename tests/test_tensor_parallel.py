@@ -7,11 +7,11 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
+from nccl_rules import run_checked
 
 from course_lib.distributed import launch
 from course_lib.distributed import tensor_parallel as tp
 from course_lib.model import Block, GPTConfig
-from nccl_rules import run_checked
 
 CONFIG = GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=4, n_embd=32)
 
