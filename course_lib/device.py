@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import platform
@@ -16,6 +17,13 @@ KEY_PACKAGES = (
     "torch", "numpy", "matplotlib", "ipywidgets", "jupyterlab", "nbgrader", "nbval",
     "transformers", "peft", "tokenizers", "safetensors", "wandb", "tqdm",
 )
+MIN_TORCH = (2, 11)  # the oldest torch the course is checked on (pyproject.toml says the same)
+
+
+def torch_version() -> tuple[int, int]:
+    """The installed torch's ``(major, minor)``."""
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
 
 
 def pick_device(prefer: str | None = None) -> torch.device:
@@ -33,16 +41,39 @@ def pick_device(prefer: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+def cuda_bf16_native(device: torch.device | str | int | None = None) -> bool:
+    """True when the CUDA GPU ``device`` computes in bf16 natively: compute capability 8.0+ (Ampere+).
+
+    ``torch.cuda.is_bf16_supported()`` alone also says True on a T4 or V100 (sm75/sm70), which
+    *emulate* bf16, far slower than their fp16 units; ``including_emulation=False`` and the
+    capability of this very device (not of the current one) rule that out.
+    """
+    if device is None or isinstance(device, int):
+        index = torch.cuda.current_device() if device is None else device
+    else:
+        device = torch.device(device)
+        index = torch.cuda.current_device() if device.index is None else device.index
+    if torch.cuda.get_device_capability(index)[0] < 8:
+        return False
+    # is_bf16_supported asks about the *current* device: make it the one in question
+    switch = torch.cuda.device(index) if index != torch.cuda.current_device() else contextlib.nullcontext()
+    with switch:
+        try:
+            return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+        except TypeError:  # a torch without the keyword: the capability (checked above) decides
+            return True
+
+
 def supported_precisions(device: torch.device | str | None = None) -> list[str]:
     """Precisions that train correctly on ``device``: always fp32, plus bf16/fp16 where usable.
 
     On CPU both bf16 and fp16 autocast run (slowly: they are for learning the numerics);
-    on CUDA bf16 needs compute capability 8.0 or newer (Ampere+).
+    on CUDA bf16 needs compute capability 8.0 or newer (Ampere+, see :func:`cuda_bf16_native`).
     """
     device = pick_device() if device is None else torch.device(device)
     out = ["fp32"]
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
+        if cuda_bf16_native(device):
             out.append("bf16")
         out.append("fp16")
     elif device.type == "mps":
@@ -53,11 +84,29 @@ def supported_precisions(device: torch.device | str | None = None) -> list[str]:
 
 
 def best_precision(device: torch.device | str | None = None) -> str:
-    """bf16 on GPUs that support it (no loss scaling needed), else fp32."""
+    """The mixed precision to train in on ``device``.
+
+    bf16 on GPUs with bf16 units (no loss scaling needed); fp16, which trains with a
+    ``GradScaler``, on older CUDA GPUs (T4, V100); fp32 elsewhere (a CPU is slower in 16 bits).
+    """
     device = pick_device() if device is None else torch.device(device)
-    if device.type == "cuda" and "bf16" in supported_precisions(device):
-        return "bf16"
+    if device.type == "cuda":
+        return "bf16" if "bf16" in supported_precisions(device) else "fp16"
     return "fp32"
+
+
+def backend_for(device: torch.device | str) -> str:
+    """The collective backend for tensors on ``device``: ``"nccl"`` for CUDA (where this torch has
+    NCCL), ``"gloo"`` for everything else (CPU tensors, and MPS, which has no collective backend).
+
+    The one place the course chooses a backend: a ``--device cpu`` run on a GPU machine must
+    use gloo, since NCCL only moves CUDA tensors.
+    """
+    device = torch.device(device)
+    dist = torch.distributed
+    if device.type == "cuda" and dist.is_available() and dist.is_nccl_available():
+        return "nccl"
+    return "gloo"
 
 
 def device_profile(device: torch.device | str | None = None) -> str:
@@ -144,9 +193,10 @@ def run_checks() -> list[Check]:
     """Collect the environment checks (no printing)."""
     checks = [Check("python", sys.version_info >= (3, 10), platform.python_version(),
                     "the course needs Python 3.10+ (3.11 recommended): install it, then `make clean lab`")]
-    torch_ok = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 6)
+    torch_ok = torch_version() >= MIN_TORCH
     checks.append(Check("torch", torch_ok, f"{torch.__version__} ({'CUDA ' + torch.version.cuda if torch.version.cuda else 'CPU build'})",
-                        "the course needs torch 2.6+: `pip install -r requirements.txt` in a fresh venv"))
+                        f"the course needs torch {MIN_TORCH[0]}.{MIN_TORCH[1]}+: `pip install -r requirements.txt` "
+                        "in a fresh venv"))
     device = pick_device()
     detail = str(device)
     if device.type == "cuda":

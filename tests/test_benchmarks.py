@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -93,3 +94,18 @@ def test_optimizer_benchmark_times_three_adamw_variants_that_agree():
     for row in rows.values():
         assert 5e-4 < float(row[6]) < 2e-3  # the optimizer really stepped: Adam moves weights by ~lr
         assert float(row[7]) < 1e-5  # and all three variants computed the same update
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_runs_every_step_on_cpu(tmp_path):
+    """benchmarks/gpu_check.sh --dry-run: the GPU check's steps at toy sizes, green on a CPU."""
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = (tmp_path / "summary.txt").read_text()
+    for name in ("throughput", "unit-tests", "notebooks", "cli-train"):
+        assert f"{name}: ok in" in summary, summary
+    assert "distributed-nccl: skipped (" in summary  # no GPUs: said so, not silently passed
+    cli = (tmp_path / "cli-train.txt").read_text()
+    assert "tokens/s" in cli and "of the measured fp32 matmul peak" in cli and "datasheet" in cli

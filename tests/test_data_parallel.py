@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from nccl_rules import run_checked
 
 from course_lib.distributed import data_parallel as dp
 from course_lib.distributed.launch import spawn
@@ -73,7 +74,7 @@ def test_ddp_matches_one_process_on_the_full_batch(world_size):
     state, batch = _state(), _batch(1)
     batches = [_batch(10 + i) for i in range(4)]
     train_config = TrainConfig(steps=2, grad_accum=2, lr=1e-2, progress=False)
-    out = spawn(_all_checks, world_size, state, batch, batches, train_config, timeout_s=150)
+    out = spawn(run_checked, world_size, _all_checks, state, batch, batches, train_config, timeout_s=150)
 
     ref_loss, ref_grads = _reference_grads(state, batch)
     for rank, result in enumerate(out):

@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 import torch
+from nccl_rules import run_checked
 
 from course_lib.distributed import pipeline as pp
 from course_lib.distributed.launch import spawn
@@ -127,7 +128,7 @@ def _all_pipelines(rank: int, world_size: int, config, state, batch) -> dict:
 @pytest.mark.parametrize("stages, n_layer", [(1, 2), (2, 3), (4, 5)])  # uneven: 2+1 and 2+1+1+1 layers
 def test_pipelines_give_the_unsplit_models_loss_and_gradients(stages, n_layer):
     config, state, batch = _setup(n_layer)
-    out = spawn(_all_pipelines, stages, config, state, batch, timeout_s=150)
+    out = spawn(run_checked, stages, _all_pipelines, config, state, batch, timeout_s=150)  # NCCL's rules too
     ref_loss, ref_grads = _reference(config, state, batch)
     assert [r["1f1b"]["layers"] for r in out] == [list(x) for x in pp.partition_layers(n_layer, stages)]
     for kind in (*pp.KINDS, "torch-gpipe", "torch-1f1b"):

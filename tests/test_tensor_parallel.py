@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
+from nccl_rules import run_checked
 
 from course_lib.distributed import launch
 from course_lib.distributed import tensor_parallel as tp
@@ -70,7 +71,7 @@ def test_sharded_block_matches_unsharded_outputs_and_gradients():
     n_replicated = sum(p.numel() for p in ref.parameters()) - n_split
 
     world = 2
-    results = launch.spawn(tp.tp_block_worker, world, CONFIG, state, x, grad_out, timeout_s=120)
+    results = launch.spawn(run_checked, world, tp.tp_block_worker, CONFIG, state, x, grad_out, timeout_s=120)
     for rank, by_mode in enumerate(results):
         for mode in ("hand", "dtensor"):
             r = by_mode[mode]

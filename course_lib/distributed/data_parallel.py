@@ -140,18 +140,39 @@ class CommTimer:
     """A DDP communication hook that all-reduces gradient buckets and records each one.
 
     ``timer.register(ddp_model)`` (before the first backward) replaces DDP's default all-reduce
-    with the same operation plus a record ``(start, end, bytes)`` per bucket: the wall time
-    during which a gradient all-reduce was in flight. On GPUs the end is when the collective's
-    future completes, which the step's ``torch.cuda.synchronize`` bounds.
+    with the same operation plus a record ``(start, end, bytes)`` per bucket: the time during
+    which a gradient all-reduce was in flight, in seconds.
+
+    How it is timed depends on where the gradients are (:func:`times_with_cuda_events`):
+
+    * CPU (gloo): host clock from the hook's call until the collective's future completes.
+    * CUDA (NCCL): the future completes when the collective is *enqueued*, so the host clock
+      would read about zero. Instead a CUDA event is recorded on the compute stream before the
+      collective (which NCCL's stream waits for) and one in the future's callback, on the
+      stream that waits for the collective's kernel: their GPU time difference is the transfer.
+      Events are read (one synchronisation) when :attr:`records` is first asked for.
     """
 
-    records: list[tuple[float, float, int]] = field(default_factory=list)
+    _records: list[tuple[float, float, int]] = field(default_factory=list)
+    _events: list[tuple[Any, Any, int]] = field(default_factory=list)  # (start, end, bytes) CUDA events
 
     def register(self, model: DistributedDataParallel) -> None:
         model.register_comm_hook(self, _timed_allreduce_hook)
 
     def reset(self) -> None:
-        self.records.clear()
+        self._records.clear()
+        self._events.clear()
+
+    @property
+    def records(self) -> list[tuple[float, float, int]]:
+        """``(start, end, bytes)`` per all-reduced bucket (CUDA: seconds since the first bucket's start)."""
+        if self._events:
+            origin = self._events[0][0]
+            for start, end, nbytes in self._events:
+                end.synchronize()
+                self._records.append((origin.elapsed_time(start) / 1e3, origin.elapsed_time(end) / 1e3, nbytes))
+            self._events.clear()
+        return self._records
 
     @property
     def calls(self) -> int:
@@ -166,15 +187,33 @@ class CommTimer:
         return sum(n for _, _, n in self.records)
 
 
+def times_with_cuda_events(device: torch.device) -> bool:
+    """True where a collective's future completes at enqueue (CUDA/NCCL): time it with CUDA events."""
+    return device.type == "cuda"
+
+
 def _timed_allreduce_hook(timer, bucket):  # noqa: ANN001 - DDP rejects string annotations here
     """DDP comm hook: ``timer`` is a :class:`CommTimer`, ``bucket`` a ``dist.GradBucket``."""
-    start = time.perf_counter()
     buffer = bucket.buffer()
     world = dist.get_world_size()
+    nbytes = buffer.numel() * buffer.element_size()
+    if times_with_cuda_events(buffer.device):
+        start_event = torch.cuda.Event(enable_timing=True)
+        start_event.record()  # the collective's stream waits for this point of the compute stream
+        future = dist.all_reduce(buffer, async_op=True).get_future()
+
+        def finish_cuda(fut: torch.futures.Future[Any]) -> torch.Tensor:
+            end_event = torch.cuda.Event(enable_timing=True)
+            end_event.record()  # this callback's stream waits for the collective's kernel
+            timer._events.append((start_event, end_event, nbytes))
+            return fut.value()[0].div_(world)
+
+        return future.then(finish_cuda)
+    start = time.perf_counter()
     future = dist.all_reduce(buffer, async_op=True).get_future()
 
     def finish(fut: torch.futures.Future[Any]) -> torch.Tensor:
-        timer.records.append((start, time.perf_counter(), buffer.numel() * buffer.element_size()))
+        timer._records.append((start, time.perf_counter(), nbytes))
         return fut.value()[0].div_(world)  # DDP's default: the mean over ranks
 
     return future.then(finish)

@@ -32,6 +32,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from course_lib.device import backend_for, pick_device
+
 _POLL_S = 0.05  # how often the parent checks its workers
 _GRACE_S = 5.0  # how long a terminated worker gets before it is killed
 
@@ -51,10 +53,12 @@ class WorkerFailed(RuntimeError):
 
 
 def default_backend(world_size: int) -> str:
-    """``"nccl"`` when every rank can have its own CUDA GPU, otherwise ``"gloo"`` (CPU)."""
-    if torch.cuda.is_available() and torch.cuda.device_count() >= world_size and dist.is_nccl_available():
-        return "nccl"
-    return "gloo"
+    """``"nccl"`` when every rank can have its own CUDA GPU, otherwise ``"gloo"`` (CPU).
+
+    The ranks' device decides (:func:`course_lib.device.backend_for`).
+    """
+    gpu_each = torch.cuda.is_available() and torch.cuda.device_count() >= world_size
+    return backend_for("cuda" if gpu_each else "cpu")
 
 
 def _check_picklable(fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
@@ -134,14 +138,17 @@ def _worker(
     os.environ.clear()
     os.environ.update(environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     try:
+        extra: dict[str, Any] = {}
         if backend == "nccl":
             torch.cuda.set_device(rank)  # one machine: the local rank is the global rank
+            extra["device_id"] = torch.device("cuda", rank)  # binds the group to this GPU (eager init)
         else:
             torch.set_num_threads(1)  # ranks share the CPU cores; oversubscription slows all
         timeout = timedelta(seconds=timeout_s)
         store = dist.TCPStore("127.0.0.1", store_port, is_master=False, timeout=timeout)
         dist.init_process_group(
-            backend, store=dist.PrefixStore(prefix, store), rank=rank, world_size=world_size, timeout=timeout
+            backend, store=dist.PrefixStore(prefix, store), rank=rank, world_size=world_size, timeout=timeout,
+            **extra,
         )
         value = fn(rank, world_size, *args)
         dist.destroy_process_group()
@@ -287,7 +294,9 @@ def spawn(
         del store
 
 
-def init_from_env(backend: str | None = None, timeout_s: float = 600.0) -> tuple[int, int, int]:
+def init_from_env(
+    backend: str | None = None, timeout_s: float = 600.0, device: str | torch.device | None = None,
+) -> tuple[int, int, int]:
     """Join the process group that ``torchrun`` describes in the environment.
 
     torchrun sets ``RANK`` (global rank, unique across all machines), ``LOCAL_RANK`` (rank on
@@ -295,6 +304,14 @@ def init_from_env(backend: str | None = None, timeout_s: float = 600.0) -> tuple
     uses ``cuda:LOCAL_RANK``: the global rank would name a GPU that does not exist on the
     second machine. Without these variables (a plain ``python script.py``) nothing is
     initialised and the run is a single process.
+
+    Args:
+        backend: ``"nccl"`` or ``"gloo"``; ``None`` follows ``device``
+            (:func:`course_lib.device.backend_for`): a ``--device cpu`` run on a GPU machine
+            gets gloo, since NCCL moves only CUDA tensors.
+        timeout_s: how long a collective may wait for the other ranks.
+        device: the device this process trains on; ``None``: :func:`course_lib.device.pick_device`
+            (``cuda:LOCAL_RANK`` on a GPU machine).
 
     Returns:
         ``(rank, local_rank, world_size)``; ``(0, 0, 1)`` when not launched by torchrun.
@@ -304,7 +321,8 @@ def init_from_env(backend: str | None = None, timeout_s: float = 600.0) -> tuple
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if backend is None:
-        backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+        backend = backend_for(pick_device() if device is None else device)
+    extra: dict[str, Any] = {}
     if backend == "nccl":
         if local_rank >= torch.cuda.device_count():
             raise RuntimeError(
@@ -313,9 +331,10 @@ def init_from_env(backend: str | None = None, timeout_s: float = 600.0) -> tuple
                 "to train on CPU processes over gloo"
             )
         torch.cuda.set_device(local_rank)
+        extra["device_id"] = torch.device("cuda", local_rank)  # binds the group to this GPU (eager init)
     if not dist.is_initialized():
         dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size,
-                                timeout=timedelta(seconds=timeout_s))
+                                timeout=timedelta(seconds=timeout_s), **extra)
     return rank, local_rank, world_size
 
 

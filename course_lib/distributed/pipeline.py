@@ -16,7 +16,7 @@ This module has three layers:
 
 * pure maths for plots, widgets and tests: :func:`partition_layers`, :func:`schedule`,
   :func:`bubble_fraction`, :func:`schedule_bubble`, :func:`measured_bubble`, :func:`peak_in_flight`;
-* a hand-written pipeline over point-to-point ``send``/``recv``: :class:`GPTStage` (stage 0
+* a hand-written pipeline over point-to-point ops (``batch_isend_irecv``): :class:`GPTStage` (stage 0
   embeds, the last stage applies the head and the loss) and :func:`run_schedule`, which records
   when each stage computes so the bubble is *measured*;
 * :func:`torch_pipeline_step`, the same model through ``torch.distributed.pipelining``.
@@ -24,6 +24,7 @@ This module has three layers:
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Sequence
 from functools import partial
@@ -285,27 +286,33 @@ def run_schedule(
     stage: GPTStage, kind: str, n_stages: int, rank: int, microbatches: int,
     input_ids: torch.Tensor | None, labels: torch.Tensor | None, n_real: int, micro_shape: tuple[int, int],
 ) -> tuple[float | None, list[Interval], int]:
-    """Run one training step of the pipeline on this rank (stage ``rank``) with ``send``/``recv``.
+    """Run one training step of the pipeline on this rank (stage ``rank``) with point-to-point ops.
 
     Stage 0 gets ``input_ids`` (the whole batch), the last stage ``labels``; both are cut into
     ``microbatches`` equal micro-batches of ``micro_shape`` = (rows, seq_len), which every
     stage must know to receive hidden states of shape (rows, seq_len, n_embd); ``n_real`` is
-    the number of real (not -100) labels in the whole batch. Activations go forward with
-    ``isend``/``recv``, their gradients come back the same way. Sends never block, so the schedule's order alone
-    decides who waits.
+    the number of real (not -100) labels in the whole batch.
+
+    Activations go forward and their gradients come back. Before each compute op this rank
+    posts, in ONE ``dist.batch_isend_irecv`` group, the sends of what it computed last and the
+    receive this op needs, then waits for the group: NCCL runs a pair's sends and receives in
+    issue order on one stream, so in 1F1B's steady state "send a1, then recv g0" on stage 0
+    against "send g0, then recv a1" on stage 1 would wait on each other forever; posted as one
+    group, their order is free (``torch.distributed.pipelining`` does the same).
 
     Returns ``(loss, intervals, peak)``: the full-batch mean loss on the last stage (``None``
     elsewhere), the compute intervals of this stage (seconds since a common barrier; waiting
-    for a ``recv`` is not counted), and the most micro-batches whose activations it held at once.
+    for communication is not counted), and the most micro-batches whose activations it held at once.
     """
     device = next(stage.parameters()).device
+    dtype = next(stage.parameters()).dtype
     first, last = rank == 0, rank == n_stages - 1
     ids = input_ids.chunk(microbatches) if first else None
     targets = labels.chunk(microbatches) if last else None
     shape = (*micro_shape, stage.config.n_embd)
     inputs: dict[int, torch.Tensor] = {}
     outputs: dict[int, torch.Tensor] = {}
-    pending: list[Any] = []
+    sends: list[dist.P2POp] = []  # what this rank computed last, sent together with the next receive
     intervals: list[Interval] = []
     loss_total = 0.0
     peak = 0
@@ -315,15 +322,28 @@ def run_schedule(
             torch.cuda.synchronize(device)
         return time.perf_counter()
 
+    in_flight: list[Any] = []  # sends posted without a receive: waited for at the end
+
+    def exchange(recvs: list[dist.P2POp]) -> None:
+        if sends or recvs:
+            works = dist.batch_isend_irecv(sends + recvs)
+            if recvs:  # this op's input: wait for the whole group (its sends are in the same group)
+                for work in works:
+                    work.wait()
+            else:
+                in_flight.extend(works)
+        sends.clear()
+
     dist.barrier()
     t0 = now()
     for op, m in stage_program(kind, n_stages, microbatches, rank):
         if op == "F":
             if first:
+                exchange([])
                 x = ids[m].to(device)
             else:
-                x = torch.empty(shape, device=device)
-                dist.recv(x, src=rank - 1)
+                x = torch.empty(shape, device=device, dtype=dtype)
+                exchange([dist.P2POp(dist.irecv, x, rank - 1)])
                 x.requires_grad_()
             start = now()
             y = stage(x)
@@ -332,21 +352,24 @@ def run_schedule(
                 loss_total += y.item()
             intervals.append(Interval(rank, start - t0, now() - t0, "F", m))
             if not last:
-                pending.append(dist.isend(y.detach(), dst=rank + 1))
+                sends.append(dist.P2POp(dist.isend, y.detach(), rank + 1))
             inputs[m], outputs[m] = x, y
             peak = max(peak, len(outputs))
         else:
             x, y = inputs.pop(m), outputs.pop(m)
             grad = None
-            if not last:
+            if last:
+                exchange([])
+            else:
                 grad = torch.empty_like(y)
-                dist.recv(grad, src=rank + 1)
+                exchange([dist.P2POp(dist.irecv, grad, rank + 1)])
             start = now()
             y.backward(grad)
             intervals.append(Interval(rank, start - t0, now() - t0, "B", m))
             if not first:
-                pending.append(dist.isend(x.grad, dst=rank - 1))
-    for work in pending:
+                sends.append(dist.P2POp(dist.isend, x.grad, rank - 1))
+    exchange([])
+    for work in in_flight:
         work.wait()
     return (loss_total if last else None), intervals, peak
 
@@ -413,7 +436,7 @@ def bubble_sweep_worker(
     out = {}
     for kind, m in runs:
         tries = [step(kind, m) for _ in range(repeats)]
-        ends = torch.tensor([max(i.end for i in t) for t in tries])
+        ends = torch.tensor([max(i.end for i in t) for t in tries], device=rank_device())  # NCCL: on the GPU
         dist.all_reduce(ends, op=dist.ReduceOp.MAX)  # the step ends when its slowest stage does
         out[(kind, m)] = tries[int(ends.argmin())]
     return out
@@ -442,6 +465,11 @@ def torch_pipeline_step(
     device = next(stage.parameters()).device
     n_real = int((labels != IGNORE_INDEX).sum())
     pipe_stage = PipelineStage(stage, rank, n_stages, device)
+    if "scale_grads" not in inspect.signature(schedules[kind].__init__).parameters:
+        raise RuntimeError(
+            f"torch {torch.__version__}: {schedules[kind].__name__} takes no scale_grads= argument, which this "
+            "step needs for the full-batch gradient; the course needs torch >= 2.11 (see pyproject.toml)"
+        )
     runner = schedules[kind](pipe_stage, microbatches, loss_fn=partial(_summed_loss, n_real=n_real),
                              scale_grads=False)
     first, last = rank == 0, rank == n_stages - 1
