@@ -9,8 +9,9 @@
 * :func:`rng_state` / :func:`set_rng_state` capture python's ``random``, numpy, torch CPU and
   CUDA generators as tensors and plain numbers, so they load under ``weights_only=True``.
 * :func:`latest_checkpoint` and :func:`prune_checkpoints` keep the last K ``ckpt_*.pt`` files.
-* :func:`export_pretrained` / :func:`load_pretrained` save and load a model for later lessons as
-  safetensors plus a ``config.json`` (no pickle at all).
+
+The pretrained model later lessons start from is saved and loaded by :mod:`course_lib.pretrained`
+(safetensors, no pickle at all).
 
 What goes *into* a checkpoint is the caller's choice; :func:`course_lib.training.train` stores
 model, optimizer, scheduler, scaler, the RNG and data position of every rank, the step and the
@@ -19,7 +20,6 @@ configs as plain dicts (never a pickled config object).
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import random
@@ -34,7 +34,6 @@ import torch
 
 CHECKPOINT_GLOB = "ckpt_*.pt"
 _STEP_RE = re.compile(r"ckpt_(\d+)\.pt$")
-PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 
 
 class CheckpointError(RuntimeError):
@@ -180,56 +179,3 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# ----------------------------------------------------------------------- pretrained models
-
-
-def export_pretrained(model: torch.nn.Module, tokenizer: Any, directory: str | os.PathLike, name: str,
-                      **metadata: Any) -> Path:
-    """Save ``model`` as ``<name>.safetensors`` and ``<name>.json`` (model config, tokenizer, metadata).
-
-    Safetensors holds raw tensors only (no pickle); the tied head is stored once.
-    """
-    from safetensors.torch import save_model
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    weights = directory / f"{name}.safetensors"
-    save_model(model, str(weights))
-    meta = {"model": model.config.to_dict(), "tokenizer": tokenizer.to_dict(), **metadata}
-    (directory / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return weights
-
-
-def pretrained_metadata(name: str = "shakespeare_tiny", directory: str | os.PathLike | None = None) -> dict[str, Any]:
-    """The ``<name>.json`` written by :func:`export_pretrained` (config, tokenizer, val loss, command)."""
-    directory = PRETRAINED_DIR if directory is None else Path(directory)
-    meta = directory / f"{name}.json"
-    if not meta.is_file():
-        available = sorted(p.stem for p in directory.glob("*.safetensors")) if directory.is_dir() else []
-        raise FileNotFoundError(
-            f"no pretrained model {name!r} in {directory} (available: {available or 'none'}); "
-            "build it with `make pretrained`"
-        )
-    return json.loads(meta.read_text())
-
-
-def load_pretrained(name: str = "shakespeare_tiny", directory: str | os.PathLike | None = None,
-                    device: str | torch.device = "cpu"):
-    """Load a pretrained model and its tokenizer: ``model, tokenizer = load_pretrained()``.
-
-    The course ships ``shakespeare_tiny`` (the ``tiny`` preset trained on the ``shakespeare``
-    corpus by ``make pretrained``); its ``<name>.json`` records the validation loss and the
-    command that made it. The model comes back in eval mode.
-    """
-    from safetensors.torch import load_model
-
-    from course_lib.data import tokenizer_from_dict
-    from course_lib.model import GPT, GPTConfig
-
-    directory = PRETRAINED_DIR if directory is None else Path(directory)
-    meta = pretrained_metadata(name, directory)
-    model = GPT(GPTConfig(**meta["model"]))
-    load_model(model, str(directory / f"{name}.safetensors"), device=str(device))
-    return model.to(device).eval(), tokenizer_from_dict(meta["tokenizer"])

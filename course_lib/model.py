@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from course_lib.constants import IGNORE_INDEX
 
 PRESETS: dict[str, dict[str, int]] = {
     # name: (layers, heads, width, context); sized for a 2-core CPU up to a single GPU

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from course_lib.distributed import launch, sharding
+from course_lib.lessons.sharding import fsdp_train_worker
 from course_lib.model import GPT, GPTConfig
 
 
@@ -51,7 +52,7 @@ def test_fsdp2_training_equals_single_process_and_shards_the_state():
     full = sharding.bytes_per_rank(ref, optimizer)
 
     world = 2
-    results = launch.spawn(sharding.fsdp_train_worker, world, config, state, batches, lr, timeout_s=120)
+    results = launch.spawn(fsdp_train_worker, world, config, state, batches, lr, timeout_s=120)
     for r in results:
         assert r["losses"] == pytest.approx(ref_losses, rel=1e-6, abs=0)
         assert r["state"].keys() == ref.state_dict().keys()
