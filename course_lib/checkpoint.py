@@ -20,6 +20,7 @@ configs as plain dicts (never a pickled config object).
 
 from __future__ import annotations
 
+import collections
 import os
 import pickle
 import random
@@ -44,6 +45,79 @@ class UntrustedCheckpointError(CheckpointError):
     """A checkpoint holds objects other than tensors and plain data (it could run code)."""
 
 
+class UnloadableStateError(CheckpointError, TypeError):
+    """:func:`save_checkpoint` was given an object that :func:`load_checkpoint` would refuse."""
+
+
+# What ``torch.load(weights_only=True)`` rebuilds without any allow-listing (torch >= 2.6).
+_PLAIN = (bool, int, float, complex, str, bytes, bytearray, type(None), torch.dtype, torch.device, torch.layout,
+          torch.Size, torch.qscheme)
+# exact types: other subclasses (namedtuple, defaultdict) are refused
+_CONTAINERS = (dict, collections.OrderedDict, collections.Counter, list, tuple, set)
+
+
+def _hint(value: Any) -> str:
+    """How to turn ``value`` into something ``weights_only`` loads."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return "store dataclasses.asdict(value) (and rebuild it with Class(**d) after loading)"
+    if isinstance(value, np.ndarray):
+        return "store torch.from_numpy(value)"
+    if isinstance(value, np.generic):
+        return "store value.item() (a Python number)"
+    if isinstance(value, tuple) and hasattr(value, "_asdict"):
+        return "store value._asdict() or tuple(value)"
+    if isinstance(value, dict):
+        return "store dict(value)"
+    if isinstance(value, frozenset):
+        return "store a list or a set"
+    if isinstance(value, os.PathLike):
+        return "store str(value)"
+    if callable(getattr(value, "state_dict", None)):
+        return "store value.state_dict() (and load_state_dict it after loading)"
+    if hasattr(value, "value") and hasattr(value, "name") and type(value).__module__ != "builtins":
+        return "store value.value or value.name (an enum member)"
+    return "store tensors, numbers, strings, lists, tuples, sets or dicts of them instead"
+
+
+def check_loadable(state: Any, where: str = "state") -> None:
+    """Raise :class:`UnloadableStateError` unless :func:`load_checkpoint` can load ``state``.
+
+    ``load_checkpoint`` uses ``torch.load(weights_only=True)``, which rebuilds only tensors
+    (parameters included), Python numbers, strings, bytes, ``None``, ``torch.dtype``/``device``/
+    ``Size``, and dicts, ordered dicts, lists, tuples and sets of them (plus any class registered
+    with ``torch.serialization.add_safe_globals``). The error names the first offending entry
+    (``state['config']``), its type, and how to store it instead.
+    """
+    safe = {g for g in torch.serialization.get_safe_globals() if isinstance(g, type)}
+    seen: set[int] = set()
+    todo: list[tuple[str, Any]] = [(where, state)]
+    while todo:
+        path, value = todo.pop()
+        kind = type(value)
+        if kind in _PLAIN or kind in safe:
+            continue
+        if kind in (torch.Tensor, torch.nn.Parameter):
+            continue
+        if kind in _CONTAINERS:
+            if id(value) in seen:
+                continue
+            seen.add(id(value))
+            if isinstance(value, dict):
+                for key, item in reversed(list(value.items())):
+                    todo.append((f"{path} (a key)", key))
+                    todo.append((f"{path}[{key!r}]", item))
+            else:
+                todo.extend((f"{path}[{i}]", item) for i, item in reversed(list(enumerate(value))))
+            continue
+        name = f"{kind.__module__}.{kind.__qualname__}" if kind.__module__ != "builtins" else kind.__qualname__
+        raise UnloadableStateError(
+            f"save_checkpoint: {path} is a {name}, which load_checkpoint (torch.load(weights_only=True)) "
+            f"refuses to rebuild, so this checkpoint could never be loaded: {_hint(value)}"
+        )
+
+
 def checkpoint_path(directory: str | os.PathLike, step: int) -> Path:
     """The file name used for the checkpoint after ``step`` optimizer steps."""
     return Path(directory) / f"ckpt_{step:08d}.pt"
@@ -56,7 +130,12 @@ def save_checkpoint(path: str | os.PathLike, **state: Any) -> Path:
     one file system), is flushed and fsynced, then ``os.replace`` moves it into place. If
     anything fails before the rename, the temporary file is removed and whatever was at
     ``path`` before is still there, intact.
+
+    Raises:
+        UnloadableStateError: ``state`` holds an object :func:`load_checkpoint` would refuse
+            (see :func:`check_loadable`); nothing is written.
     """
+    check_loadable(state)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
