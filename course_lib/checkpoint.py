@@ -62,6 +62,9 @@ def _hint(value: Any) -> str:
 
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return "store dataclasses.asdict(value) (and rebuild it with Class(**d) after loading)"
+    if isinstance(value, torch.Tensor):  # a subclass: DTensor, a custom tensor type
+        return ("store a plain tensor (value.full_tensor() for a DTensor), or save sharded state with "
+                "torch.distributed.checkpoint")
     if isinstance(value, np.ndarray):
         return "store torch.from_numpy(value)"
     if isinstance(value, np.generic):

@@ -199,3 +199,14 @@ def test_classes_registered_as_safe_globals_are_accepted(tmp_path):
     with torch.serialization.safe_globals([_Config]):
         ck.save_checkpoint(tmp_path / "c.pt", config=_Config(lr=0.5))
         assert ck.load_checkpoint(tmp_path / "c.pt")["config"].lr == 0.5
+
+
+class _Tagged(torch.Tensor):
+    """A tensor subclass, as DTensor is one: weights_only rebuilds it only if it is allow-listed."""
+
+
+def test_a_tensor_subclass_is_refused_with_the_dtensor_hint(tmp_path):
+    value = torch.ones(2).as_subclass(_Tagged)
+    assert not _torch_loads(value)
+    with pytest.raises(ck.UnloadableStateError, match=r"full_tensor\(\)"):
+        ck.save_checkpoint(tmp_path / "c.pt", w=value)
