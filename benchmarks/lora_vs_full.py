@@ -3,7 +3,7 @@
     python benchmarks/lora_vs_full.py                # CPU: 100 steps each, batch 16 x 128
     python benchmarks/lora_vs_full.py --steps 500    # a longer run (GPU)
 
-Every setting starts from the same pretrained weights (``course_lib.checkpoint.load_pretrained``)
+Every setting starts from the same pretrained weights (``course_lib.pretrained.load_pretrained``)
 and trains for the same number of steps on the same batches with ``course_lib.training.train``.
 The table gives trainable parameters, the AdamW state actually allocated (measured after a step),
 median time per step, and the validation loss on both corpora before and after: the new domain should
@@ -18,11 +18,11 @@ import statistics
 
 import torch
 
-from course_lib.checkpoint import load_pretrained
 from course_lib.data import RandomWindowBatches, encode_corpus, eval_windows, train_val_split
 from course_lib.device import pick_device
 from course_lib.lora import apply_lora, count_trainable_parameters
 from course_lib.memory import state_bytes
+from course_lib.pretrained import load_pretrained
 from course_lib.training import TrainConfig, evaluate, make_optimizer, train
 
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "fc_in", "fc_out")

@@ -58,9 +58,10 @@ def training_step_ms(config: GPTConfig, batch: int, reps: int) -> float:
     model = GPT(config)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     ids = torch.randint(0, config.vocab_size, (batch, config.block_size))
+    labels = ids.roll(-1, dims=1)  # the model does not shift: labels[:, t] is position t's target
 
     def step() -> None:
-        model(ids, labels=ids).loss.backward()
+        model(ids, labels=labels).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 

@@ -9,8 +9,9 @@
 * :func:`rng_state` / :func:`set_rng_state` capture python's ``random``, numpy, torch CPU and
   CUDA generators as tensors and plain numbers, so they load under ``weights_only=True``.
 * :func:`latest_checkpoint` and :func:`prune_checkpoints` keep the last K ``ckpt_*.pt`` files.
-* :func:`export_pretrained` / :func:`load_pretrained` save and load a model for later lessons as
-  safetensors plus a ``config.json`` (no pickle at all).
+
+The pretrained model later lessons start from is saved and loaded by :mod:`course_lib.pretrained`
+(safetensors, no pickle at all).
 
 What goes *into* a checkpoint is the caller's choice; :func:`course_lib.training.train` stores
 model, optimizer, scheduler, scaler, the RNG and data position of every rank, the step and the
@@ -19,7 +20,7 @@ configs as plain dicts (never a pickled config object).
 
 from __future__ import annotations
 
-import json
+import collections
 import os
 import pickle
 import random
@@ -34,7 +35,6 @@ import torch
 
 CHECKPOINT_GLOB = "ckpt_*.pt"
 _STEP_RE = re.compile(r"ckpt_(\d+)\.pt$")
-PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 
 
 class CheckpointError(RuntimeError):
@@ -43,6 +43,82 @@ class CheckpointError(RuntimeError):
 
 class UntrustedCheckpointError(CheckpointError):
     """A checkpoint holds objects other than tensors and plain data (it could run code)."""
+
+
+class UnloadableStateError(CheckpointError, TypeError):
+    """:func:`save_checkpoint` was given an object that :func:`load_checkpoint` would refuse."""
+
+
+# What ``torch.load(weights_only=True)`` rebuilds without any allow-listing (torch >= 2.6).
+_PLAIN = (bool, int, float, complex, str, bytes, bytearray, type(None), torch.dtype, torch.device, torch.layout,
+          torch.Size, torch.qscheme)
+# exact types: other subclasses (namedtuple, defaultdict) are refused
+_CONTAINERS = (dict, collections.OrderedDict, collections.Counter, list, tuple, set)
+
+
+def _hint(value: Any) -> str:
+    """How to turn ``value`` into something ``weights_only`` loads."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return "store dataclasses.asdict(value) (and rebuild it with Class(**d) after loading)"
+    if isinstance(value, torch.Tensor):  # a subclass: DTensor, a custom tensor type
+        return ("store a plain tensor (value.full_tensor() for a DTensor), or save sharded state with "
+                "torch.distributed.checkpoint")
+    if isinstance(value, np.ndarray):
+        return "store torch.from_numpy(value)"
+    if isinstance(value, np.generic):
+        return "store value.item() (a Python number)"
+    if isinstance(value, tuple) and hasattr(value, "_asdict"):
+        return "store value._asdict() or tuple(value)"
+    if isinstance(value, dict):
+        return "store dict(value)"
+    if isinstance(value, frozenset):
+        return "store a list or a set"
+    if isinstance(value, os.PathLike):
+        return "store str(value)"
+    if callable(getattr(value, "state_dict", None)):
+        return "store value.state_dict() (and load_state_dict it after loading)"
+    if hasattr(value, "value") and hasattr(value, "name") and type(value).__module__ != "builtins":
+        return "store value.value or value.name (an enum member)"
+    return "store tensors, numbers, strings, lists, tuples, sets or dicts of them instead"
+
+
+def check_loadable(state: Any, where: str = "state") -> None:
+    """Raise :class:`UnloadableStateError` unless :func:`load_checkpoint` can load ``state``.
+
+    ``load_checkpoint`` uses ``torch.load(weights_only=True)``, which rebuilds only tensors
+    (parameters included), Python numbers, strings, bytes, ``None``, ``torch.dtype``/``device``/
+    ``Size``, and dicts, ordered dicts, lists, tuples and sets of them (plus any class registered
+    with ``torch.serialization.add_safe_globals``). The error names the first offending entry
+    (``state['config']``), its type, and how to store it instead.
+    """
+    safe = {g for g in torch.serialization.get_safe_globals() if isinstance(g, type)}
+    seen: set[int] = set()
+    todo: list[tuple[str, Any]] = [(where, state)]
+    while todo:
+        path, value = todo.pop()
+        kind = type(value)
+        if kind in _PLAIN or kind in safe:
+            continue
+        if kind in (torch.Tensor, torch.nn.Parameter):
+            continue
+        if kind in _CONTAINERS:
+            if id(value) in seen:
+                continue
+            seen.add(id(value))
+            if isinstance(value, dict):
+                for key, item in reversed(list(value.items())):
+                    todo.append((f"{path} (a key)", key))
+                    todo.append((f"{path}[{key!r}]", item))
+            else:
+                todo.extend((f"{path}[{i}]", item) for i, item in reversed(list(enumerate(value))))
+            continue
+        name = f"{kind.__module__}.{kind.__qualname__}" if kind.__module__ != "builtins" else kind.__qualname__
+        raise UnloadableStateError(
+            f"save_checkpoint: {path} is a {name}, which load_checkpoint (torch.load(weights_only=True)) "
+            f"refuses to rebuild, so this checkpoint could never be loaded: {_hint(value)}"
+        )
 
 
 def checkpoint_path(directory: str | os.PathLike, step: int) -> Path:
@@ -57,7 +133,12 @@ def save_checkpoint(path: str | os.PathLike, **state: Any) -> Path:
     one file system), is flushed and fsynced, then ``os.replace`` moves it into place. If
     anything fails before the rename, the temporary file is removed and whatever was at
     ``path`` before is still there, intact.
+
+    Raises:
+        UnloadableStateError: ``state`` holds an object :func:`load_checkpoint` would refuse
+            (see :func:`check_loadable`); nothing is written.
     """
+    check_loadable(state)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -192,55 +273,3 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if "mps" in state and torch.backends.mps.is_available():
         torch.mps.set_rng_state(state["mps"])
 
-
-# ----------------------------------------------------------------------- pretrained models
-
-
-def export_pretrained(model: torch.nn.Module, tokenizer: Any, directory: str | os.PathLike, name: str,
-                      **metadata: Any) -> Path:
-    """Save ``model`` as ``<name>.safetensors`` and ``<name>.json`` (model config, tokenizer, metadata).
-
-    Safetensors holds raw tensors only (no pickle); the tied head is stored once.
-    """
-    from safetensors.torch import save_model
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    weights = directory / f"{name}.safetensors"
-    save_model(model, str(weights))
-    meta = {"model": model.config.to_dict(), "tokenizer": tokenizer.to_dict(), **metadata}
-    (directory / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return weights
-
-
-def pretrained_metadata(name: str = "shakespeare_tiny", directory: str | os.PathLike | None = None) -> dict[str, Any]:
-    """The ``<name>.json`` written by :func:`export_pretrained` (config, tokenizer, val loss, command)."""
-    directory = PRETRAINED_DIR if directory is None else Path(directory)
-    meta = directory / f"{name}.json"
-    if not meta.is_file():
-        available = sorted(p.stem for p in directory.glob("*.safetensors")) if directory.is_dir() else []
-        raise FileNotFoundError(
-            f"no pretrained model {name!r} in {directory} (available: {available or 'none'}); "
-            "build it with `make pretrained`"
-        )
-    return json.loads(meta.read_text())
-
-
-def load_pretrained(name: str = "shakespeare_tiny", directory: str | os.PathLike | None = None,
-                    device: str | torch.device = "cpu"):
-    """Load a pretrained model and its tokenizer: ``model, tokenizer = load_pretrained()``.
-
-    The course ships ``shakespeare_tiny`` (the ``tiny`` preset trained on the ``shakespeare``
-    corpus by ``make pretrained``); its ``<name>.json`` records the validation loss and the
-    command that made it. The model comes back in eval mode.
-    """
-    from safetensors.torch import load_model
-
-    from course_lib.data import tokenizer_from_dict
-    from course_lib.model import GPT, GPTConfig
-
-    directory = PRETRAINED_DIR if directory is None else Path(directory)
-    meta = pretrained_metadata(name, directory)
-    model = GPT(GPTConfig(**meta["model"]))
-    load_model(model, str(directory / f"{name}.safetensors"), device=str(device))
-    return model.to(device).eval(), tokenizer_from_dict(meta["tokenizer"])

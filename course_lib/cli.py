@@ -183,9 +183,10 @@ def _validate(args: argparse.Namespace) -> None:
 
 def _load_init(spec: str):
     """``(model, tokenizer)`` from a pretrained name, run directory, checkpoint or safetensors file."""
-    from course_lib.checkpoint import PRETRAINED_DIR, latest_checkpoint, load_checkpoint, load_pretrained
+    from course_lib.checkpoint import latest_checkpoint, load_checkpoint
     from course_lib.data import tokenizer_from_dict
     from course_lib.model import GPT, GPTConfig
+    from course_lib.pretrained import PRETRAINED_DIR, load_pretrained
 
     path = Path(spec)
     if not path.exists() and (PRETRAINED_DIR / f"{spec}.safetensors").is_file():

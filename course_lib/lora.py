@@ -11,7 +11,15 @@ and ``B`` (out x rank)::
 * The base weights are **frozen** (``requires_grad=False``): autograd neither computes nor stores
   their gradients, and the optimizer holds no state for them.
 * :func:`apply_lora` first collects the targets, then replaces them (never while iterating
-  ``named_modules()``), and handles modules sitting directly on the model.
+  ``named_modules()``), and handles modules sitting directly on the model. It refuses a target
+  whose weight is tied to another module's (the GPT's ``lm_head`` shares ``wte.weight``):
+  merging would rewrite the embedding too. PEFT only warns about this (and its merge does
+  rewrite the embedding); the fix it recommends, untying with a copy, is in the error message.
+* Whether an adapter is merged is part of the module's ``state_dict`` (its ``_extra_state``), so
+  a model saved after :func:`merge_lora` loads back merged: the update is applied once, not twice.
+* A merged layer refuses ``backward()`` with a message saying what to do: its forward no longer
+  involves ``A`` and ``B``, so they would get no gradient. :func:`unmerge_lora` to keep training;
+  :func:`merge_and_unload` for a plain model (``nn.Linear`` layers, the base's state-dict keys).
 """
 
 from __future__ import annotations
@@ -22,6 +30,25 @@ from collections.abc import Iterable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+_MERGED_BACKWARD = (
+    "backward() through a merged LoRA layer: merge_lora folded (alpha/rank) * B @ A into the frozen base "
+    "weight, so this forward does not involve lora_A and lora_B and they would get no gradient. Call "
+    "unmerge_lora(model) before training the adapters (merge again afterwards), or merge_and_unload(model) "
+    "for a plain model to fine-tune fully"
+)
+
+
+class _RefuseBackward(torch.autograd.Function):
+    """Identity in the forward; its backward raises: marks the output of a merged layer."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        raise RuntimeError(_MERGED_BACKWARD)
 
 
 class LoRALinear(nn.Module):
@@ -73,6 +100,9 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         if self.merged:
+            trainable = [p for p in (self.lora_A, self.lora_B) if p.requires_grad]
+            if trainable and torch.is_grad_enabled():
+                y = _RefuseBackward.apply(y, trainable[0])  # backward() then says why it cannot train
             return y
         return y + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
 
@@ -89,6 +119,13 @@ class LoRALinear(nn.Module):
         if self.merged:
             self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
             self.merged = False
+
+    def get_extra_state(self) -> dict[str, bool]:
+        """Saved in ``state_dict`` next to the weights: a merged base weight must load back as merged."""
+        return {"merged": self.merged}
+
+    def set_extra_state(self, state: dict[str, bool]) -> None:
+        self.merged = bool(state["merged"])
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}, merged={self.merged}"
@@ -113,6 +150,7 @@ def apply_lora(
     """
     targets = (target_modules,) if isinstance(target_modules, str) else tuple(target_modules)
     found = [(n, m) for n, m in model.named_modules() if n and _matches(n, targets)]
+    _refuse_tied(model, found)
     if "" in targets:
         raise ValueError("the model itself is a target: wrap it directly with LoRALinear(model, rank, alpha)")
     if not found:
@@ -129,6 +167,23 @@ def apply_lora(
         setattr(parent, child, LoRALinear(module, rank, alpha, dropout))
     mark_only_lora_trainable(model)
     return model
+
+
+def _refuse_tied(model: nn.Module, found: list[tuple[str, nn.Module]]) -> None:
+    """Refuse a target whose parameters another module also uses (weight tying)."""
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    for name, module in found:
+        for p_name, p in module.named_parameters(recurse=False):
+            others = [o for o in owners.get(id(p), []) if o != f"{name}.{p_name}"]
+            if others:
+                raise ValueError(
+                    f"{name}.{p_name} is tied to {others[0]}: an adapter on {name} would change {others[0]} too "
+                    f"when merged (PEFT warns about this and its merge does it). Leave {name} out of "
+                    f"target_modules, or untie it first, as PEFT recommends: "
+                    f"model.{name}.{p_name} = nn.Parameter(model.{name}.{p_name}.detach().clone())"
+                )
 
 
 def lora_layers(model: nn.Module) -> list[LoRALinear]:
@@ -154,6 +209,24 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
     """Take every merged adapter back out of its base weight (in place)."""
     for layer in lora_layers(model):
         layer.unmerge()
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge every adapter and put the base ``nn.Linear`` back in its place (in place; returns the model).
+
+    The result is a plain model with the base model's ``state_dict`` keys, computing what the
+    adapted model computed, as PEFT's ``merge_and_unload()``. Parameters keep their
+    ``requires_grad`` (PEFT's too): every one is frozen after LoRA training; unfreeze them to
+    fine-tune the merged model fully.
+    """
+    if isinstance(model, LoRALinear):
+        model.merge()
+        return model.base
+    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]:
+        layer.merge()
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.base)
     return model
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from course_lib.constants import IGNORE_INDEX
 
 PRESETS: dict[str, dict[str, int]] = {
     # name: (layers, heads, width, context); sized for a 2-core CPU up to a single GPU
@@ -149,7 +149,8 @@ class GPT(nn.Module):
 
     ``model(input_ids, labels=None, attention_mask=None)`` returns a :class:`GPTOutput`.
     ``labels`` has the shape of ``input_ids``; ``labels[:, t]`` is the target for position
-    ``t`` (already shifted by the data pipeline) and ``-100`` is ignored. ``attention_mask``
+    ``t`` (already shifted by the data pipeline) and ``-100`` is ignored; the Hugging Face habit
+    ``labels=input_ids`` (which here would train the identity map) is refused. ``attention_mask``
     (B, T) with 1 for real tokens and 0 for padding is optional: with right padding the causal
     mask alone already keeps padding out of every real position.
     """
@@ -204,6 +205,12 @@ class GPT(nn.Module):
         """Run the model; ``reduction="sum"`` returns the summed token loss (for accumulation)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
+        if labels is not None and _same_memory(labels, input_ids):
+            raise ValueError(
+                "labels is input_ids: this model does not shift (labels[:, t] is the target of position t), so "
+                "this trains it to copy its input. Pass the next tokens as labels: labels = input_ids[:, 1:] with "
+                "input_ids[:, :-1] as the input, or the 'labels' of a course_lib.data batch"
+            )
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(
                 f"labels shape {tuple(labels.shape)} must equal input_ids shape "
@@ -269,6 +276,12 @@ class GPT(nn.Module):
                 next_id = torch.multinomial(probs, 1, generator=generator)
             input_ids = torch.cat([input_ids, next_id], dim=1)
         return input_ids
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``a`` is ``b``, or a view of exactly the same elements (the Hugging Face habit ``labels=input_ids``)."""
+    return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+                      and a.device == b.device and a.numel() > 0)
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:

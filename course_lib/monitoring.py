@@ -3,7 +3,10 @@
 Loggers share one tiny interface (:class:`Logger`): ``log(metrics, step)`` and ``close()``.
 
 * :class:`JSONLLogger` always works: one JSON object per line, flushed every step, appended to
-  when a run resumes. It is what the CLI writes as ``metrics.jsonl``.
+  when a run resumes. It is what the CLI writes as ``metrics.jsonl``. Every line is strict JSON:
+  a value that is not finite (a diverged loss) is written as ``null`` and named, with its kind,
+  in a ``"nonfinite"`` object: ``{"step": 7, "loss": null, "nonfinite": {"loss": "nan"}}``
+  (kinds ``"nan"``, ``"inf"``, ``"-inf"``). :func:`read_jsonl` turns them back into floats.
 * :class:`WandbLogger` writes a Weights & Biases run **offline** unless you ask for ``"online"``;
   offline and disabled modes need no account, no key and no network.
 * :class:`LivePlot` redraws a matplotlib figure in place in a notebook (throttled).
@@ -31,6 +34,7 @@ import torch
 import torch.nn as nn
 
 WANDB_MODES = ("offline", "online", "disabled")
+NONFINITE_KEY = "nonfinite"  # metrics.jsonl: {name: "nan" | "inf" | "-inf"} for the values written as null
 
 # Dense (no sparsity) tensor-core peak FLOP/s from the vendors' datasheets (SXM parts), keyed by
 # a substring of the GPU name; fp32 means plain fp32 (no TF32).
@@ -66,7 +70,10 @@ class JSONLLogger:
     """Append one JSON object per logged step to ``path`` (``{"step": ..., **metrics}``).
 
     The file is opened in append mode, so a resumed run continues the same file, and it is
-    flushed after every line, so a crash loses at most the line being written.
+    flushed after every line, so a crash loses at most the line being written. Non-finite
+    values are written as ``null`` plus ``"nonfinite": {name: "nan" | "inf" | "-inf"}``, so
+    every line parses as strict JSON (``json.dumps`` would write ``NaN``/``Infinity``, which
+    ``jq``, JavaScript and most JSON parsers reject).
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -77,8 +84,24 @@ class JSONLLogger:
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
         if self._file.closed:
             raise RuntimeError(f"JSONLLogger({self.path}) is closed; create a new logger to keep logging")
-        record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
-        self._file.write(json.dumps(record) + "\n")
+        if NONFINITE_KEY in metrics:
+            raise ValueError(f"{NONFINITE_KEY!r} is reserved for the names of non-finite values; rename that metric")
+        record: dict[str, Any] = {"step": int(step)}
+        nonfinite: dict[str, str] = {}
+        for name, value in metrics.items():
+            value = _plain(value)
+            if isinstance(value, float) and not math.isfinite(value):
+                nonfinite[name] = "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+                value = None
+            record[name] = value
+        if nonfinite:
+            record[NONFINITE_KEY] = nonfinite
+        try:
+            line = json.dumps(record, allow_nan=False)
+        except ValueError as e:
+            raise ValueError(f"metrics at step {step} hold a non-finite number inside a list or dict: "
+                             f"log scalars ({e})") from None
+        self._file.write(line + "\n")
         self._file.flush()
 
     def close(self) -> None:
@@ -92,9 +115,17 @@ class JSONLLogger:
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Read a file written by :class:`JSONLLogger` back into a list of dicts."""
+    """Read a file written by :class:`JSONLLogger` back into a list of dicts.
+
+    Values recorded as non-finite come back as ``float("nan")``, ``inf`` or ``-inf`` (and the
+    ``"nonfinite"`` entry is dropped), so the records equal what was logged.
+    """
     with Path(path).open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        records = [json.loads(line) for line in f if line.strip()]
+    for record in records:
+        for name, kind in record.pop(NONFINITE_KEY, {}).items():
+            record[name] = float(kind)
+    return records
 
 
 def _has_wandb_credentials() -> bool:

@@ -56,20 +56,18 @@ from course_lib.checkpoint import (
     checkpoint_path,
     latest_checkpoint,
     load_checkpoint,
-    load_pretrained,
     prune_checkpoints,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
+from course_lib.constants import IGNORE_INDEX
 from course_lib.distributed.faults import maybe_inject_fault
-from course_lib.model import IGNORE_INDEX
 from course_lib.monitoring import mfu
 from course_lib.precision import DTYPES, autocast, make_grad_scaler
 from course_lib.schedulers import warmup_cosine
 
-__all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "accumulate_gradients", "make_optimizer", "seed_everything",
-           "load_pretrained"]
+__all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "accumulate_gradients", "make_optimizer", "seed_everything"]
 
 # Settings whose change would make a resumed run a different run.
 _RESUME_KEYS = ("steps", "lr", "weight_decay", "betas", "eps", "warmup_steps", "min_lr_ratio",

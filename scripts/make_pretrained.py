@@ -4,7 +4,7 @@ Trains the ``tiny`` GPT on the bundled ``shakespeare`` corpus through the course
 (``python -m course_lib train``), then exports the final weights as
 ``course_lib/pretrained/shakespeare_tiny.safetensors`` plus ``shakespeare_tiny.json`` (model
 config, tokenizer, validation loss, training time and the exact command). Later lessons load it
-with ``course_lib.checkpoint.load_pretrained()`` (also importable from ``course_lib.training``).
+with ``course_lib.pretrained.load_pretrained()``.
 
 The tokenizer covers the characters of *every* bundled corpus, so the model can be fine-tuned
 on ``python_docs`` (the domain-shift lessons) without unknown characters.
@@ -26,10 +26,11 @@ from pathlib import Path
 import torch
 
 from course_lib import cli
-from course_lib.checkpoint import PRETRAINED_DIR, export_pretrained, latest_checkpoint, load_checkpoint
+from course_lib.checkpoint import latest_checkpoint, load_checkpoint
 from course_lib.data import tokenizer_from_dict
 from course_lib.model import GPT, GPTConfig
 from course_lib.monitoring import read_jsonl
+from course_lib.pretrained import PRETRAINED_DIR, export_pretrained
 
 NAME = "shakespeare_tiny"
 

@@ -5,7 +5,7 @@
 
 Each size trains in its own process with one thread (two at a time by default), so the sweep
 uses both cores of a small machine. The output JSON holds the command that made it, the
-versions, the settings and, per size, ``course_lib.scaling.sweep_point``'s result.
+versions, the settings and, per size, ``course_lib.lessons.sweeps.sweep_point``'s result.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from course_lib.scaling import DEFAULT_SWEEP, SweepSize, sweep_point  # noqa: E402
+from course_lib.lessons.sweeps import DEFAULT_SWEEP, SweepSize, sweep_point  # noqa: E402
 
 DEFAULT_OUT = ROOT / "notebooks" / "data" / "scaling_sweep.json"
 

@@ -1,16 +1,20 @@
 """Checkpoints: atomic writes, safe loads, RNG capture, pruning, pretrained export."""
 
+import collections
+import dataclasses
+import enum
+import io
+import math
 import os
 import pickle
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from course_lib import checkpoint as ck
-from course_lib.data import CharTokenizer
-from course_lib.model import GPT, GPTConfig
 
 
 class _Evil:
@@ -125,15 +129,84 @@ def test_latest_and_prune(tmp_path):
         ck.prune_checkpoints(tmp_path, keep=0)
 
 
-def test_export_and_load_pretrained(tmp_path):
-    tok = CharTokenizer.from_text("hello world")
-    model = GPT(GPTConfig.from_preset("nano", tok.vocab_size))
-    ck.export_pretrained(model, tok, tmp_path, "toy", val_loss=1.5, command="python -m course_lib train ...")
-    loaded, tok2 = ck.load_pretrained("toy", directory=tmp_path)
-    assert tok2.encode("hello") == tok.encode("hello")
-    for (n, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
-        assert torch.equal(a, b), n
-    assert loaded.lm_head.weight is loaded.wte.weight  # still tied after loading
-    assert ck.pretrained_metadata("toy", tmp_path)["val_loss"] == 1.5
-    with pytest.raises(FileNotFoundError, match="make pretrained"):
-        ck.load_pretrained("nope", directory=tmp_path)
+
+
+@dataclasses.dataclass
+class _Config:
+    lr: float = 1e-3
+
+
+class _Colour(enum.Enum):
+    RED = 1
+
+
+_Pair = collections.namedtuple("_Pair", "a b")
+
+# What a training loop might try to save, next to what load_checkpoint must accept.
+_VALUES = {
+    "int": 3, "float": 1.5, "nan": float("nan"), "bool": True, "none": None, "str": "s", "bytes": b"x",
+    "complex": 1j, "list": [1, 2.0], "tuple": (1, "a"), "dict": {"a": 1}, "int_keys": {1: 2}, "set": {1, 2},
+    "ordered_dict": collections.OrderedDict(a=1), "counter": collections.Counter("aab"),
+    "tensor": torch.ones(2), "parameter": torch.nn.Parameter(torch.ones(2)), "bf16": torch.ones(2, dtype=torch.bfloat16),
+    "size": torch.Size([2, 3]), "dtype": torch.float16, "device": torch.device("cpu"),
+    "rng": torch.get_rng_state(), "optimizer": torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1).state_dict(),
+    "dataclass": _Config(), "enum": _Colour.RED, "namedtuple": _Pair(1, 2), "path": Path("runs/x"),
+    "numpy_float": np.float64(1.0), "numpy_int": np.int64(2), "numpy_array": np.ones(2),
+    "function": math.sqrt, "module": torch.nn.Linear(1, 1), "frozenset": frozenset([1]),
+    "defaultdict": collections.defaultdict(int), "nested": {"ok": [1, {"deep": (2, _Config())}]},
+}
+
+
+def _torch_loads(value) -> bool:
+    """The reference: does torch.load(weights_only=True) rebuild ``{"x": value}``?"""
+    buffer = io.BytesIO()
+    torch.save({"x": value}, buffer)
+    buffer.seek(0)
+    try:
+        torch.load(buffer, weights_only=True)
+    except pickle.UnpicklingError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("name", sorted(_VALUES))
+def test_save_refuses_exactly_what_load_refuses(tmp_path, name):
+    value = _VALUES[name]
+    path = tmp_path / "c.pt"
+    if _torch_loads(value):
+        ck.save_checkpoint(path, x=value)
+        ck.load_checkpoint(path)
+        return
+    with pytest.raises(ck.UnloadableStateError, match=r"state\['x'\]") as error:
+        ck.save_checkpoint(path, x=value)
+    assert type(value).__qualname__ in str(error.value) or "_Config" in str(error.value)  # names the type
+    assert not path.exists() and not list(tmp_path.iterdir())  # nothing written
+
+
+def test_unloadable_state_error_names_the_key_and_the_fix(tmp_path):
+    with pytest.raises(ck.UnloadableStateError) as error:
+        ck.save_checkpoint(tmp_path / "c.pt", model={"w": torch.ones(1)}, config={"train": _Config()})
+    message = str(error.value)
+    assert "state['config']['train']" in message and "test_checkpoint._Config" in message
+    assert "dataclasses.asdict" in message and "weights_only" in message
+    with pytest.raises(ck.UnloadableStateError, match=r"value\.item\(\)"):
+        ck.save_checkpoint(tmp_path / "c.pt", loss=np.float32(2.0))
+    with pytest.raises(ck.UnloadableStateError, match=r"state_dict\(\)"):
+        ck.save_checkpoint(tmp_path / "c.pt", optimizer=torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1))
+
+
+def test_classes_registered_as_safe_globals_are_accepted(tmp_path):
+    with torch.serialization.safe_globals([_Config]):
+        ck.save_checkpoint(tmp_path / "c.pt", config=_Config(lr=0.5))
+        assert ck.load_checkpoint(tmp_path / "c.pt")["config"].lr == 0.5
+
+
+class _Tagged(torch.Tensor):
+    """A tensor subclass, as DTensor is one: weights_only rebuilds it only if it is allow-listed."""
+
+
+def test_a_tensor_subclass_is_refused_with_the_dtensor_hint(tmp_path):
+    value = torch.ones(2).as_subclass(_Tagged)
+    assert not _torch_loads(value)
+    with pytest.raises(ck.UnloadableStateError, match=r"full_tensor\(\)"):
+        ck.save_checkpoint(tmp_path / "c.pt", w=value)

@@ -8,6 +8,7 @@ from nccl_rules import run_checked
 
 from course_lib.distributed import data_parallel as dp
 from course_lib.distributed.launch import spawn
+from course_lib.lessons import data_parallel as workers
 from course_lib.model import GPT, IGNORE_INDEX, GPTConfig
 from course_lib.training import TrainConfig, train
 
@@ -58,12 +59,12 @@ def _plain_model_grads(state, batch) -> dict[str, torch.Tensor]:
 def _all_checks(rank: int, world_size: int, state, batch, batches, train_config) -> dict:
     """Everything the test checks, in one process group (starting processes is the slow part)."""
     return {
-        "plain": dp.ddp_gradients_worker(rank, world_size, CONFIG, state, batch, grad_accum=1),
-        "accum": dp.ddp_gradients_worker(rank, world_size, CONFIG, state, batch, grad_accum=2),
-        "train": dp.ddp_train_worker(rank, world_size, CONFIG, state, batches, train_config),
-        "sampler": dp.sampler_worker(rank, world_size, 10, 2),
-        "no_set_epoch": dp.sampler_worker(rank, world_size, 10, 2, call_set_epoch=False),
-        "timing": dp.comm_timing_worker(rank, world_size, CONFIG, state, batch, steps=2),
+        "plain": workers.ddp_gradients_worker(rank, world_size, CONFIG, state, batch, grad_accum=1),
+        "accum": workers.ddp_gradients_worker(rank, world_size, CONFIG, state, batch, grad_accum=2),
+        "train": workers.ddp_train_worker(rank, world_size, CONFIG, state, batches, train_config),
+        "sampler": workers.sampler_worker(rank, world_size, 10, 2),
+        "no_set_epoch": workers.sampler_worker(rank, world_size, 10, 2, call_set_epoch=False),
+        "timing": workers.comm_timing_worker(rank, world_size, CONFIG, state, batch, steps=2),
         "not_ddp": _plain_model_grads(state, _own_batch(rank)),
     }
 

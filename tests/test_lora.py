@@ -13,6 +13,7 @@ from course_lib.lora import (
     load_lora_state_dict,
     lora_layers,
     lora_state_dict,
+    merge_and_unload,
     merge_lora,
     unmerge_lora,
 )
@@ -174,3 +175,102 @@ def test_notebook_scratch_lora_equals_course_lib():
         ours.lora_B.copy_(b)
     x = torch.randn(5, 12)
     torch.testing.assert_close(scratch(x), ours(x), rtol=0, atol=1e-6)
+
+
+def test_merged_state_survives_save_and_load(tmp_path):
+    from course_lib.checkpoint import load_checkpoint, save_checkpoint
+
+    base = GPT(CONFIG)
+    model = apply_lora(copy.deepcopy(base), rank=4, alpha=16)
+    _randomise_b(model)
+    ids = _ids()
+    with torch.no_grad():
+        expected = model(ids).logits
+        merge_lora(model)
+    save_checkpoint(tmp_path / "merged.pt", model=model.state_dict())
+    fresh = apply_lora(copy.deepcopy(base), rank=4, alpha=16)
+    fresh.load_state_dict(load_checkpoint(tmp_path / "merged.pt")["model"])
+    assert all(layer.merged for layer in lora_layers(fresh))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids).logits, expected, rtol=0, atol=1e-5)  # the update applied once
+        unmerge_lora(fresh)
+        torch.testing.assert_close(fresh(ids).logits, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(fresh.blocks[0].attn.q_proj.base.weight, base.blocks[0].attn.q_proj.weight,
+                               rtol=0, atol=1e-6)
+
+
+def test_a_merged_model_refuses_backward_with_a_helpful_message():
+    model = apply_lora(GPT(CONFIG), rank=4, alpha=8)
+    _randomise_b(model)
+    merge_lora(model)
+    with torch.no_grad():
+        assert torch.isfinite(model(_ids(), labels=_ids(1)).loss)  # inference is fine
+    loss = model(_ids(), labels=_ids(1)).loss
+    with pytest.raises(RuntimeError, match=r"merged LoRA layer.*unmerge_lora\(model\).*merge_and_unload"):
+        loss.backward()
+    unmerge_lora(model)
+    model(_ids(), labels=_ids(1)).loss.backward()  # unmerged, the adapters train again
+    assert all(layer.lora_A.grad is not None and layer.lora_B.grad is not None for layer in lora_layers(model))
+
+
+def test_merge_and_unload_gives_the_plain_base_model():
+    base = GPT(CONFIG)
+    model = apply_lora(copy.deepcopy(base), rank=4, alpha=8, target_modules=("q_proj", "v_proj", "fc_out"))
+    _randomise_b(model)
+    ids = _ids()
+    with torch.no_grad():
+        expected = model(ids).logits
+    plain = merge_and_unload(model)
+    assert not lora_layers(plain) and list(plain.state_dict()) == list(base.state_dict())
+    reloaded = GPT(CONFIG)
+    reloaded.load_state_dict(plain.state_dict())  # strict: a plain GPT again
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, expected, rtol=0, atol=1e-5)
+    assert reloaded.lm_head.weight is reloaded.wte.weight
+
+
+def test_merge_and_unload_matches_peft():
+    peft = pytest.importorskip("peft")
+    base = TwoLayer()
+    ours = apply_lora(copy.deepcopy(base), rank=4, alpha=8)
+    _randomise_b(ours)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name in ("q_proj", "v_proj"):
+            target = getattr(theirs.base_model.model, name)
+            target.lora_A["default"].weight.copy_(getattr(ours, name).lora_A)
+            target.lora_B["default"].weight.copy_(getattr(ours, name).lora_B)
+    ours, theirs = merge_and_unload(ours), theirs.merge_and_unload()
+    assert [type(m) for m in ours.modules()] == [type(m) for m in theirs.modules()]
+    for (n, a), (m, b) in zip(ours.named_parameters(), theirs.named_parameters(), strict=True):
+        assert n == m and a.requires_grad == b.requires_grad
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_a_tied_target_is_refused_and_untying_it_as_peft_recommends_works():
+    model = GPT(CONFIG)
+    with pytest.raises(ValueError, match=r"lm_head.weight is tied to wte.weight.*nn.Parameter"):
+        apply_lora(model, rank=2, alpha=4, target_modules=("q_proj", "lm_head"))
+    assert not lora_layers(model)  # refused before anything was replaced
+    embedding = model.wte.weight.detach().clone()
+    model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())  # the untie the message gives
+    apply_lora(model, rank=2, alpha=4, target_modules=("lm_head",))
+    _randomise_b(model)
+    merge_and_unload(model)
+    assert torch.equal(model.wte.weight, embedding)  # the embedding is untouched
+    assert not torch.equal(model.lm_head.weight, embedding)
+
+
+def test_peft_merges_an_adapter_on_a_tied_head_into_the_embedding():
+    """The reference behind refusing tied targets: PEFT warns, and its merge rewrites the embedding."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1,
+                                                              n_head=2, bos_token_id=0, eos_token_id=0))
+    embedding = hf.transformer.wte.weight.detach().clone()
+    with pytest.warns(UserWarning, match="tie_word_embeddings"):
+        tuned = peft.get_peft_model(hf, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["lm_head"],
+                                                        init_lora_weights=False))
+    with pytest.warns(UserWarning, match="tie"):
+        merged = tuned.merge_and_unload()
+    assert not torch.equal(merged.transformer.wte.weight, embedding)

@@ -132,3 +132,17 @@ def test_initial_loss_is_near_uniform():
     ids = torch.randint(0, 50, (4, 16))
     loss = model(ids, labels=torch.randint(0, 50, (4, 16))).loss.item()
     assert abs(loss - math.log(50)) < 0.2
+
+
+def test_labels_that_are_the_inputs_are_refused_because_the_model_does_not_shift():
+    model = _model()
+    ids = torch.randint(0, 50, (2, 8))
+    for same in (ids, ids[:], ids.view(2, 8)):  # the Hugging Face habit, also through a view
+        with pytest.raises(ValueError, match="does not shift"):
+            model(ids, labels=same)
+    # what it would train: labels equal to the inputs reward copying position t to position t
+    buf = torch.randint(0, 50, (2, 9))
+    shifted = model(buf[:, :-1], labels=buf[:, 1:]).loss  # overlapping views of one buffer are fine
+    assert torch.isfinite(shifted)
+    copy = model(ids, labels=ids.clone()).loss  # an equal copy cannot be told apart; it is allowed
+    assert torch.isfinite(copy)

@@ -48,6 +48,35 @@ def test_jsonl_round_trip_and_append_on_resume(tmp_path):
     assert all(json.loads(line) for line in path.read_text().splitlines())
 
 
+def _strict_json(line: str) -> dict:
+    """Parse as strict JSON (RFC 8259): NaN and Infinity are not JSON, as jq and JavaScript say."""
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not JSON")
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_jsonl_writes_non_finite_values_as_null_with_a_flag(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    with JSONLLogger(path) as log:
+        log.log({"loss": float("nan"), "grad_norm": torch.tensor(float("inf")), "lr": 1e-3}, step=7)
+        log.log({"loss": -math.inf}, step=8)
+        log.log({"loss": 2.0}, step=9)
+    lines = [_strict_json(line) for line in path.read_text().splitlines()]
+    assert lines[0] == {"step": 7, "loss": None, "grad_norm": None, "lr": 1e-3,
+                        "nonfinite": {"loss": "nan", "grad_norm": "inf"}}
+    assert lines[1] == {"step": 8, "loss": None, "nonfinite": {"loss": "-inf"}}
+    assert lines[2] == {"step": 9, "loss": 2.0}  # no flag when every value is finite
+    back = read_jsonl(path)  # the reader restores what was logged
+    assert math.isnan(back[0]["loss"]) and back[0]["grad_norm"] == math.inf and back[1]["loss"] == -math.inf
+    assert "nonfinite" not in back[0] and back[2] == {"step": 9, "loss": 2.0}
+    with JSONLLogger(path) as log:
+        with pytest.raises(ValueError, match="reserved"):
+            log.log({"nonfinite": 1}, step=10)
+        with pytest.raises(ValueError, match="scalars"):
+            log.log({"losses": [1.0, float("nan")]}, step=10)
+    assert len(path.read_text().splitlines()) == 3  # nothing half-written
+
+
 def test_jsonl_refuses_non_scalar_tensor_and_closed_logger(tmp_path):
     log = JSONLLogger(tmp_path / "m.jsonl")
     with pytest.raises(ValueError, match="scalar"):

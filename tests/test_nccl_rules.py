@@ -18,6 +18,7 @@ from nccl_rules import (
 
 from course_lib.distributed import pipeline as pp
 from course_lib.distributed.launch import spawn
+from course_lib.lessons import pipeline as workers
 from course_lib.model import GPT, IGNORE_INDEX, GPTConfig
 
 # ------------------------------------------------------------------ the checker's logic (no processes)
@@ -186,7 +187,7 @@ def _grid_worker(rank: int, world_size: int, state: dict[str, torch.Tensor]) -> 
                 pp.sync_tied_grads(stage, world_size, tied)
                 out["grads"][(kind, m)] = {n: p.grad.clone() for n, p in stage.model_named_parameters().items()}
         # the bubble sweep, which all-reduces its timings (on the rank's device)
-        pp.bubble_sweep_worker(rank, world_size, config, state, rules.mark_host(_batch(2)), [("gpipe", 2)], 1)
+        workers.bubble_sweep_worker(rank, world_size, config, state, rules.mark_host(_batch(2)), [("gpipe", 2)], 1)
     out["violations"] = rules.violations()
     out["seconds"] = time.perf_counter() - start
     for kind in KINDS:

@@ -1,4 +1,4 @@
-"""course_lib.notebook_workers: code written in a notebook cell runs in spawned processes."""
+"""course_lib.lessons.notebook_workers: code written in a notebook cell runs in spawned processes."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from course_lib.notebook_workers import load_ipython_extension, public_names, worker_module
+from course_lib.lessons.notebook_workers import load_ipython_extension, public_names, worker_module
 
 WORKER_SOURCE = '''
 import torch

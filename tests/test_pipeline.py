@@ -10,6 +10,8 @@ from nccl_rules import run_checked
 
 from course_lib.distributed import pipeline as pp
 from course_lib.distributed.launch import spawn
+from course_lib.lessons import pipeline as workers
+from course_lib.lessons.pitfalls import tutorial_device_ids, tutorial_stage_layers
 from course_lib.model import GPT, IGNORE_INDEX, GPTConfig
 
 # ------------------------------------------------------------------ placement
@@ -33,11 +35,11 @@ def test_partition_refuses_impossible_splits():
 
 
 def test_the_tutorial_placements_are_wrong_when_the_division_is_not_exact():
-    assert max(pp.tutorial_device_ids(5, 2)) == 2  # device 2 of devices {0, 1}
-    kept = [i for r in pp.tutorial_stage_layers(5, 2) for i in r]
+    assert max(tutorial_device_ids(5, 2)) == 2  # device 2 of devices {0, 1}
+    kept = [i for r in tutorial_stage_layers(5, 2) for i in r]
     assert kept == [0, 1, 2, 3]  # layer 4 silently dropped
     with pytest.raises(ZeroDivisionError):
-        pp.tutorial_device_ids(2, 4)
+        tutorial_device_ids(2, 4)
 
 
 # ------------------------------------------------------------------ schedules
@@ -117,10 +119,10 @@ def test_stages_chained_in_one_process_equal_the_model():
 
 
 def _all_pipelines(rank: int, world_size: int, config, state, batch) -> dict:
-    out = {kind: pp.pipeline_worker(rank, world_size, config, state, batch, MICRO, kind) for kind in pp.KINDS}
+    out = {kind: workers.pipeline_worker(rank, world_size, config, state, batch, MICRO, kind) for kind in pp.KINDS}
     for kind in ("gpipe", "1f1b"):
-        out[f"torch-{kind}"] = pp.torch_pipeline_worker(rank, world_size, config, state, batch, MICRO, kind)
-    out["sweep"] = pp.bubble_sweep_worker(rank, world_size, config, state, batch, [("naive", 1), ("gpipe", 2)], 2)
+        out[f"torch-{kind}"] = workers.torch_pipeline_worker(rank, world_size, config, state, batch, MICRO, kind)
+    out["sweep"] = workers.bubble_sweep_worker(rank, world_size, config, state, batch, [("naive", 1), ("gpipe", 2)], 2)
     return out
 
 

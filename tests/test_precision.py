@@ -3,14 +3,8 @@
 import pytest
 import torch
 
-from course_lib.precision import (
-    autocast,
-    gradient_magnitudes,
-    make_grad_scaler,
-    needs_grad_scaler,
-    overflow_demo,
-    underflow_demo,
-)
+from course_lib.lessons.mixed_precision import gradient_magnitudes, overflow_demo, underflow_demo
+from course_lib.precision import autocast, make_grad_scaler, needs_grad_scaler
 
 
 def test_scaler_only_for_fp16():

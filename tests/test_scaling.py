@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+from course_lib.lessons.sweeps import sweep_table
 from course_lib.scaling import (
     BESIROGLU_2024,
     HOFFMANN_2022,
@@ -21,7 +22,6 @@ from course_lib.scaling import (
     kaplan_loss_compute,
     kaplan_loss_d,
     kaplan_loss_n,
-    sweep_table,
     training_flops,
 )
 
@@ -174,8 +174,8 @@ def test_sweep_table_flattens_runs():
 
 @pytest.mark.slow
 def test_sweep_point_trains_and_reports_a_validation_curve():
+    from course_lib.lessons.sweeps import SweepSize, sweep_point
     from course_lib.model import GPT, GPTConfig
-    from course_lib.scaling import SweepSize, sweep_point
 
     run = sweep_point(SweepSize(1, 16, 2), steps=30, eval_every=10, batch_size=8, block_size=32, threads=None)
     assert [p["step"] for p in run["points"]] == [10, 20, 30]

@@ -9,6 +9,7 @@ import torch
 from nccl_rules import run_checked
 
 from course_lib.distributed import launch, sharding
+from course_lib.lessons.sharding import fsdp_train_worker
 from course_lib.model import GPT, GPTConfig
 
 
@@ -52,7 +53,7 @@ def test_fsdp2_training_equals_single_process_and_shards_the_state():
     full = sharding.bytes_per_rank(ref, optimizer)
 
     world = 2
-    results = launch.spawn(run_checked, world, sharding.fsdp_train_worker, config, state, batches, lr, timeout_s=120)
+    results = launch.spawn(run_checked, world, fsdp_train_worker, config, state, batches, lr, timeout_s=120)
     for r in results:
         assert r["losses"] == pytest.approx(ref_losses, rel=1e-6, abs=0)
         assert r["state"].keys() == ref.state_dict().keys()

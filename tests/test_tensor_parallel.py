@@ -11,6 +11,7 @@ from nccl_rules import run_checked
 
 from course_lib.distributed import launch
 from course_lib.distributed import tensor_parallel as tp
+from course_lib.lessons.tensor_parallel import tp_block_worker
 from course_lib.model import Block, GPTConfig
 
 CONFIG = GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=4, n_embd=32)
@@ -71,7 +72,7 @@ def test_sharded_block_matches_unsharded_outputs_and_gradients():
     n_replicated = sum(p.numel() for p in ref.parameters()) - n_split
 
     world = 2
-    results = launch.spawn(run_checked, world, tp.tp_block_worker, CONFIG, state, x, grad_out, timeout_s=120)
+    results = launch.spawn(run_checked, world, tp_block_worker, CONFIG, state, x, grad_out, timeout_s=120)
     for rank, by_mode in enumerate(results):
         for mode in ("hand", "dtensor"):
             r = by_mode[mode]

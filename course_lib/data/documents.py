@@ -19,8 +19,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from course_lib.constants import IGNORE_INDEX
 from course_lib.data.tokenization import Tokenizer
-from course_lib.model import IGNORE_INDEX
 
 Item = dict[str, torch.Tensor]
 

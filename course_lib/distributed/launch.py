@@ -82,7 +82,7 @@ def _check_picklable(fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
             f"spawn() cannot start {qualname!r}: {reason}. New processes do not share this "
             "process's memory: they import the function by name, so move it into a module (a .py "
             "file, e.g. in course_lib) at top level and import it from there (in a notebook, the "
-            "%%worker_module cell magic of course_lib.notebook_workers writes such a module)."
+            "%%worker_module cell magic of course_lib.lessons.notebook_workers writes such a module)."
         )
     try:
         pickle.dumps(args)

@@ -34,8 +34,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from course_lib.distributed.launch import rank_device
-from course_lib.model import GPT, IGNORE_INDEX, GPTConfig, lm_loss
+from course_lib.constants import IGNORE_INDEX
+from course_lib.model import GPT, lm_loss
 
 KINDS = ("naive", "gpipe", "1f1b")
 
@@ -81,26 +81,6 @@ def partition_layers(n_layers: int, n_stages: int) -> list[range]:
         out.append(range(start, start + size))
         start += size
     return out
-
-
-def tutorial_device_ids(n_layers: int, n_devices: int) -> list[int]:
-    """The tutorial's placement ``i // (n_layers // n_devices)``, kept to show its bug (Errata 3).
-
-    With 5 layers on 2 devices it returns ``[0, 0, 1, 1, 2]``: device 2 does not exist.
-    (With fewer layers than devices it divides by zero.) Use :func:`partition_layers`.
-    """
-    per_device = n_layers // n_devices
-    return [i // per_device for i in range(n_layers)]
-
-
-def tutorial_stage_layers(n_layers: int, n_stages: int) -> list[range]:
-    """The tutorial's pipeline split, kept to show its bug (Errata 4): it drops the remainder.
-
-    ``n_layers // n_stages`` layers per stage: 5 layers on 2 stages keeps layers 0-3 and
-    silently loses layer 4. Use :func:`partition_layers`.
-    """
-    per_stage = n_layers // n_stages
-    return [range(s * per_stage, min((s + 1) * per_stage, n_layers)) for s in range(n_stages)]
 
 
 # ------------------------------------------------------------------ schedules (pure)
@@ -374,74 +354,6 @@ def run_schedule(
     return (loss_total if last else None), intervals, peak
 
 
-def _step_result(stage: GPTStage, loss: float | None) -> dict[str, Any]:
-    return {
-        "loss": loss,
-        "grads": {n: p.grad.detach().cpu().clone() for n, p in stage.model_named_parameters().items()},
-    }
-
-
-def _setup(rank: int, world_size: int, config: GPTConfig, state: dict[str, torch.Tensor]) -> tuple[GPTStage, Any]:
-    model = GPT(config)
-    model.load_state_dict(state)
-    # every rank must take part in creating a group, even those outside it
-    tied_group = dist.new_group([0, world_size - 1]) if world_size > 1 else None
-    return build_stage(model, rank, world_size).to(rank_device()), tied_group
-
-
-def pipeline_worker(
-    rank: int, world_size: int, config: GPTConfig, state: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
-    microbatches: int, kind: str = "1f1b",
-) -> dict[str, Any]:
-    """A :func:`~course_lib.distributed.launch.spawn` worker: one hand-written pipeline step.
-
-    Rank ``r`` is stage ``r``. Returns the stage's ``layers``, ``loss`` (last stage), gradients
-    under the unsplit model's names, the measured ``intervals`` and the ``peak`` number of
-    micro-batches whose activations were held at once.
-    """
-    stage, tied_group = _setup(rank, world_size, config, state)
-    ids, labels = batch["input_ids"], batch["labels"]
-    if ids.shape[0] % microbatches:
-        raise ValueError(f"a batch of {ids.shape[0]} rows does not split into {microbatches} equal micro-batches")
-    n_real = int((labels != IGNORE_INDEX).sum())
-    micro_shape = (ids.shape[0] // microbatches, ids.shape[1])
-    loss, intervals, peak = run_schedule(stage, kind, world_size, rank, microbatches, ids, labels, n_real, micro_shape)
-    sync_tied_grads(stage, world_size, tied_group)
-    result = _step_result(stage, loss)
-    result.update(layers=list(partition_layers(config.n_layer, world_size)[rank]), intervals=intervals, peak=peak)
-    return result
-
-
-def bubble_sweep_worker(
-    rank: int, world_size: int, config: GPTConfig, state: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
-    runs: Sequence[tuple[str, int]], repeats: int = 3,
-) -> dict[tuple[str, int], list[Interval]]:
-    """Time several ``(kind, microbatches)`` pipeline steps in one process group.
-
-    One untimed warm-up step first (the first step pays one-off costs), then each run
-    ``repeats`` times; for each run this rank returns the intervals of the repeat with the
-    shortest step (the least disturbed by other programs on the machine: the same repeat
-    index on every rank).
-    """
-    stage, _ = _setup(rank, world_size, config, state)
-    ids, labels = batch["input_ids"], batch["labels"]
-    n_real = int((labels != IGNORE_INDEX).sum())
-
-    def step(kind: str, m: int) -> list[Interval]:
-        stage.zero_grad(set_to_none=True)
-        return run_schedule(stage, kind, world_size, rank, m, ids, labels, n_real,
-                            (ids.shape[0] // m, ids.shape[1]))[1]
-
-    step(*runs[0])
-    out = {}
-    for kind, m in runs:
-        tries = [step(kind, m) for _ in range(repeats)]
-        ends = torch.tensor([max(i.end for i in t) for t in tries], device=rank_device())  # NCCL: on the GPU
-        dist.all_reduce(ends, op=dist.ReduceOp.MAX)  # the step ends when its slowest stage does
-        out[(kind, m)] = tries[int(ends.argmin())]
-    return out
-
-
 # ------------------------------------------------------------------ torch.distributed.pipelining
 
 
@@ -480,12 +392,3 @@ def torch_pipeline_step(
     return float(sum(loss.item() for loss in losses)) if last else None
 
 
-def torch_pipeline_worker(
-    rank: int, world_size: int, config: GPTConfig, state: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
-    microbatches: int, kind: str = "1f1b",
-) -> dict[str, Any]:
-    """A :func:`~course_lib.distributed.launch.spawn` worker: one step via ``torch.distributed.pipelining``."""
-    stage, tied_group = _setup(rank, world_size, config, state)
-    loss = torch_pipeline_step(stage, rank, world_size, microbatches, kind, batch["input_ids"], batch["labels"])
-    sync_tied_grads(stage, world_size, tied_group)
-    return _step_result(stage, loss)

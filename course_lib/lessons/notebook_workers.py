@@ -6,7 +6,7 @@ notebook lives in ``__main__``, which a new process cannot import, so it cannot 
 
 This module turns a notebook cell into a real module::
 
-    %load_ext course_lib.notebook_workers
+    %load_ext course_lib.lessons.notebook_workers
 
     %%worker_module my_workers
     import torch.distributed as dist
@@ -92,7 +92,7 @@ def public_names(module: ModuleType) -> dict[str, Any]:
 
 
 def load_ipython_extension(ipython: Any) -> None:
-    """Register the ``%%worker_module NAME`` cell magic (``%load_ext course_lib.notebook_workers``)."""
+    """Register the ``%%worker_module NAME`` cell magic (``%load_ext course_lib.lessons.notebook_workers``)."""
 
     def _magic(line: str, cell: str) -> None:
         module = worker_module(line.strip(), cell)
