@@ -33,6 +33,20 @@ def pick_device(prefer: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+def synchronize(device: torch.device | str) -> None:
+    """Wait until the work queued on ``device`` has finished (a no-op on CPU).
+
+    The one place the library waits for a device: GPU kernels run asynchronously, so a timer
+    read without it measures only how fast the host queued the work. Every call stalls the
+    host, so the training loop calls it only on logged steps.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
 def supported_precisions(device: torch.device | str | None = None) -> list[str]:
     """Precisions that train correctly on ``device``: always fp32, plus bf16/fp16 where usable.
 
