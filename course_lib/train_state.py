@@ -173,6 +173,9 @@ class DataPosition:
         if state.get("epoch") is not None and hasattr(getattr(self.source, "sampler", None), "set_epoch"):
             self.source.sampler.set_epoch(state["epoch"])
         self.position = self._skip = int(state["position"])
+        # Start iterating now, before the RNG is restored: a DataLoader draws its base seed from
+        # torch's generator when iterated, as the interrupted run did before its checkpoint.
+        self._iter = itertools.islice(iter(self.source), self._skip, None)
 
 
 # ----------------------------------------------------------------------------- train state
