@@ -137,6 +137,14 @@ def _load_sharded(path: Path, map_location: str | torch.device | None) -> dict[s
     return state
 
 
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The step in a checkpoint's name (``ckpt_00000042.pt`` or ``.dcp`` -> 42)."""
+    match = _STEP_RE.search(Path(path).name)
+    if match is None:
+        raise ValueError(f"{path} is not named like a checkpoint (ckpt_XXXXXXXX.pt or .dcp)")
+    return int(match.group(1))
+
+
 def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
     """The checkpoint (``ckpt_*.pt`` file or ``ckpt_*.dcp`` directory) with the highest step in ``directory`` (None if there is none)."""
     found = _checkpoints(directory)

@@ -287,7 +287,8 @@ def spawn(
         del store
 
 
-def init_from_env(backend: str | None = None, timeout_s: float = 600.0) -> tuple[int, int, int]:
+def init_from_env(backend: str | None = None, timeout_s: float = 600.0,
+                  device: str | torch.device | None = None) -> tuple[int, int, int]:
     """Join the process group that ``torchrun`` describes in the environment.
 
     torchrun sets ``RANK`` (global rank, unique across all machines), ``LOCAL_RANK`` (rank on
@@ -296,6 +297,9 @@ def init_from_env(backend: str | None = None, timeout_s: float = 600.0) -> tuple
     second machine. Without these variables (a plain ``python script.py``) nothing is
     initialised and the run is a single process.
 
+    The backend follows ``device`` when given (cuda -> nccl, anything else -> gloo), so CPU
+    processes on a machine with GPUs still use gloo; without it, nccl wherever CUDA works.
+
     Returns:
         ``(rank, local_rank, world_size)``; ``(0, 0, 1)`` when not launched by torchrun.
     """
@@ -303,6 +307,8 @@ def init_from_env(backend: str | None = None, timeout_s: float = 600.0) -> tuple
         return 0, 0, 1
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if backend is None and device is not None:
+        backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
     if backend == "nccl":
