@@ -127,3 +127,23 @@ def _ddp_steps(rank, world_size, out_dir):
 
     torch.set_num_threads(1)
     train(DistributedDataParallel(_model()), RandomWindowBatches(_stream(), 16, 2, seed=rank), _cfg(out_dir, 4))
+
+
+def _ddp_on_own_subgroup(rank, world_size):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    groups = [dist.new_group([r]) for r in range(world_size)]  # every rank creates every group
+    model = DistributedDataParallel(_model(), process_group=groups[rank])
+    result = train(model, RandomWindowBatches(_stream(), 16, 2, seed=rank), _cfg(None, 3, checkpoint_every=0))
+    return result.values("loss")
+
+
+@pytest.mark.distributed
+def test_ddp_on_a_sub_group_normalises_over_that_group_only():
+    """Bug 4: DDP on a sub-group used the whole world's size and token counts."""
+    losses = spawn(_ddp_on_own_subgroup, 2, timeout_s=120)
+    for rank, got in enumerate(losses):
+        alone = train(_model(), RandomWindowBatches(_stream(), 16, 2, seed=rank), _cfg(None, 3, checkpoint_every=0))
+        assert got == pytest.approx(alone.values("loss"), rel=1e-6)

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from course_lib.device import synchronize
 from course_lib.distributed.launch import rank_device
 from course_lib.model import GPT, IGNORE_INDEX, GPTConfig, lm_loss
 
@@ -311,8 +312,7 @@ def run_schedule(
     peak = 0
 
     def now() -> float:  # on a GPU, wait for the queued kernels: time the work, not its launch
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         return time.perf_counter()
 
     dist.barrier()
