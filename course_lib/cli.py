@@ -304,6 +304,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.precision not in supported_precisions(device):
         raise CLIError(f"--precision {args.precision} is not supported on {device} "
                        f"(supported: {', '.join(supported_precisions(device))})")
+    if args.compile:
+        from course_lib.training import compiler_problem
+
+        if (problem := compiler_problem()) is not None:
+            raise CLIError(f"--compile: torch.compile does not work here ({problem}); run without --compile")
     if args.log_every is None:
         args.log_every = 1 if args.steps <= 1000 else 10
     if args.warmup_steps is None:

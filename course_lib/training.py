@@ -66,7 +66,7 @@ from course_lib.schedulers import warmup_cosine
 from course_lib.train_state import Checkpointer, DataPosition, TrainState, check_resume_config
 
 __all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "accumulate_gradients", "make_optimizer", "seed_everything",
-           "compile_model", "load_pretrained"]
+           "compile_model", "compiler_problem", "load_pretrained"]
 
 
 @dataclass
@@ -227,8 +227,12 @@ def _build_optimizer(optimizer: OptimizerArg, model: nn.Module, config: TrainCon
 _COMPILER_ERROR: list[str | None] = []  # filled by the first probe: [None] = works, [reason] = does not
 
 
-def _probe_compiler() -> str | None:
-    """Compile and run a two-op function once per process; the reason it fails, or ``None``."""
+def compiler_problem() -> str | None:
+    """Why ``torch.compile`` does not work here, or ``None`` when it does.
+
+    Probed once per process by compiling and running a two-op function (the first call takes
+    a few seconds).
+    """
     if not _COMPILER_ERROR:
         try:
             fn = torch.compile(lambda x: torch.sin(x) * 2 + 1)
@@ -247,7 +251,7 @@ def compile_model(model: nn.Module) -> nn.Module:
     wrapped module is compiled) and with LoRA. Raises ``RuntimeError`` naming the cause where
     the platform has no working compiler (probed once per process).
     """
-    reason = _probe_compiler()
+    reason = compiler_problem()
     if reason is not None:
         raise RuntimeError(f"torch.compile does not work on this platform ({reason}); "
                            "train without compile=True / --compile")

@@ -163,10 +163,10 @@ def test_optimizer_can_be_an_instance_or_a_factory():
 @pytest.mark.slow
 def test_compiled_training_matches_eager_and_resumes(tmp_path):
     """Issue 17: compile=True gives eager's losses (within float tolerance) and plain checkpoints."""
-    from course_lib.training import _probe_compiler
+    from course_lib.training import compiler_problem
 
-    if _probe_compiler() is not None:
-        pytest.skip(f"no working torch.compile here: {_probe_compiler()}")
+    if compiler_problem() is not None:
+        pytest.skip(f"no working torch.compile here: {compiler_problem()}")
     cfg = dict(steps=4, grad_accum=1, checkpoint_every=2)
     eager = train(_model(), RandomWindowBatches(_stream(), 16, 2, seed=0), _cfg(tmp_path / "e", **cfg))
     compiled = train(_model(), RandomWindowBatches(_stream(), 16, 2, seed=0), _cfg(tmp_path / "c", **cfg),
