@@ -3,8 +3,9 @@
 * :class:`DataPosition` wraps the batch source and records how far training has read it, so a
   resumed run sees the very next batch: a source with ``state_dict()``/``load_state_dict()``
   (``course_lib.data.RandomWindowBatches``) restores its own state; a list, a tuple or a
-  ``DataLoader`` with a deterministic sampler (sequential, or ``DistributedSampler`` as
-  ``make_loader`` builds it) is replayed up to the recorded offset (and epoch). A source that
+  ``DataLoader`` with a deterministic sampler (sequential, ``DistributedSampler`` as
+  ``make_loader`` builds it, or ``DynamicBatchSampler``) is replayed up to the recorded offset,
+  in the recorded epoch. A source that
   can do neither (a generator, a shuffling ``DataLoader``) is refused when checkpoints are
   asked for, with the fix, instead of silently restarting from batch 0 on resume.
 * :class:`TrainState`: model, optimizer, scheduler, GradScaler, data position, the RNG of every
@@ -69,8 +70,7 @@ def _replay_reason(batches: Any) -> str | None:
     if isinstance(batches, (list, tuple)):
         return None
     if isinstance(batches, DataLoader):
-        sampler = batches.batch_sampler.sampler if batches.batch_sampler is not None else batches.sampler
-        if isinstance(sampler, RandomSampler):
+        if isinstance(batches.sampler, RandomSampler):
             return ("it is a DataLoader with shuffle=True, which draws a new order every time it is "
                     "iterated; use make_loader(...) (a seeded DistributedSampler) or shuffle=False")
         return None
@@ -107,9 +107,15 @@ class DataPosition:
         self._done = False
         self._prefetch = self.device.type == "cuda"
 
+    def _epoch_sampler(self) -> Any:
+        """The DataLoader's sampler that has epochs (DistributedSampler, DynamicBatchSampler), if any."""
+        for sampler in (getattr(self.source, "batch_sampler", None), getattr(self.source, "sampler", None)):
+            if hasattr(sampler, "set_epoch"):
+                return sampler
+        return None
+
     def _epoch(self) -> int | None:
-        sampler = getattr(self.source, "sampler", None)
-        return getattr(sampler, "epoch", None)
+        return getattr(self._epoch_sampler(), "epoch", None)
 
     def _pull(self) -> tuple[Any, dict[str, torch.Tensor], int, int, dict[str, torch.Tensor]] | None:
         """Read one host batch; return (source state before it, host batch, counts, device batch)."""
@@ -170,8 +176,8 @@ class DataPosition:
         if not self.replayable:
             raise ValueError("the checkpoint holds a data position but `batches` cannot be replayed; "
                              "pass the same kind of batch source as the interrupted run")
-        if state.get("epoch") is not None and hasattr(getattr(self.source, "sampler", None), "set_epoch"):
-            self.source.sampler.set_epoch(state["epoch"])
+        if state.get("epoch") is not None and self._epoch_sampler() is not None:
+            self._epoch_sampler().set_epoch(state["epoch"])
         self.position = self._skip = int(state["position"])
         # Start iterating now, before the RNG is restored: a DataLoader draws its base seed from
         # torch's generator when iterated, as the interrupted run did before its checkpoint.

@@ -73,6 +73,32 @@ def test_a_sequential_dataloader_resumes_where_it_stopped(tmp_path):
     assert load_checkpoint(tmp_path / "b" / "ckpt_00000002.pt")["data"] == [{"position": 4, "epoch": None}]
 
 
+def test_a_dataloader_with_a_dynamic_batch_sampler_resumes_in_its_epoch(tmp_path):
+    """Variable-length documents, a token budget per batch, shuffled from (seed, epoch): replayed exactly."""
+    from functools import partial
+
+    from course_lib.data import DynamicBatchSampler, collate_padded
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(3, 17, (60,), generator=g).tolist()
+    stream = _stream()
+    items = [{"input_ids": stream[i:i + n], "labels": stream[i + 1:i + n + 1]} for i, n in enumerate(lengths)]
+
+    made = []
+
+    def loader():
+        sampler = DynamicBatchSampler(lengths, max_tokens=32, shuffle=True, seed=1)
+        if len(made) < 2:  # the two runs train in epoch 3; the resumed one starts at 0 and is told 3
+            sampler.set_epoch(3)
+        made.append(sampler)
+        return DataLoader(items, batch_sampler=sampler, collate_fn=partial(collate_padded, pad_id=0))
+
+    full, resumed = _interrupted_then_resumed(tmp_path, loader)
+    assert resumed.values("loss") == full.values("loss")[2:]
+    assert load_checkpoint(tmp_path / "b" / "ckpt_00000002.pt")["data"] == [{"position": 4, "epoch": 3}]
+    assert made[-1].epoch == 3
+
+
 @pytest.mark.parametrize("make", [
     lambda b: DataLoader([{k: v[0] for k, v in x.items()} for x in b], batch_size=1, shuffle=True),
     lambda b: (x for x in b),
