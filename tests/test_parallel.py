@@ -147,3 +147,41 @@ def test_ddp_on_a_sub_group_normalises_over_that_group_only():
     for rank, got in enumerate(losses):
         alone = train(_model(), RandomWindowBatches(_stream(), 16, 2, seed=rank), _cfg(None, 3, checkpoint_every=0))
         assert got == pytest.approx(alone.values("loss"), rel=1e-6)
+
+
+def _lora_model():
+    from course_lib.lora import apply_lora, mark_only_lora_trainable
+
+    model = _model()
+    apply_lora(model, rank=4, alpha=8.0)
+    mark_only_lora_trainable(model)
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():  # non-zero B, so the adapters change the loss from step 1
+        if name.endswith("lora_B"):
+            p.data.normal_(0, 0.02)
+    return model
+
+
+def _compiled_ddp_lora(rank, world_size, out_dir):
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    result = train(DistributedDataParallel(_lora_model()), RandomWindowBatches(_stream(), 16, 2, seed=rank),
+                   _cfg(out_dir, 3, checkpoint_every=0), compile=True)
+    return result.values("loss"), sorted(load_checkpoint(result.checkpoint)["model"])
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_compile_works_with_ddp_and_lora(tmp_path):
+    """Issue 17: compile=True under DDP on a LoRA model gives one eager process's losses and plain keys."""
+    from course_lib.training import compiler_problem
+
+    if compiler_problem() is not None:
+        pytest.skip(f"no working torch.compile here: {compiler_problem()}")
+    (losses, keys), _ = spawn(_compiled_ddp_lora, 2, str(tmp_path / "compiled"), timeout_s=400)
+    single = _lora_model()
+    eager = train(single, _Interleave([iter(RandomWindowBatches(_stream(), 16, 2, seed=r)) for r in (0, 1)]),
+                  _cfg(None, 3, checkpoint_every=0, grad_accum=2))
+    assert losses == pytest.approx(eager.values("loss"), rel=1e-4)
+    assert keys == sorted(single.state_dict()) and not [k for k in keys if "_orig_mod" in k]
