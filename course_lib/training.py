@@ -286,7 +286,7 @@ def evaluate(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], *,
     The model is put in eval mode (no dropout) and restored to its previous mode afterwards.
     A sharded (FSDP2) model must be evaluated on every rank (its forward gathers weights).
     """
-    model = unwrap(model) if not hasattr(model, "set_requires_gradient_sync") else model
+    model = unwrap(model)  # DDP's module (evaluation needs no gradient sync); an FSDP2 model is itself
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
