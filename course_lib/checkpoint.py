@@ -8,7 +8,9 @@
   code while unpickling) is refused with :class:`UntrustedCheckpointError`; its code never runs.
 * :func:`rng_state` / :func:`set_rng_state` capture python's ``random``, numpy, torch CPU and
   CUDA generators as tensors and plain numbers, so they load under ``weights_only=True``.
-* :func:`latest_checkpoint` and :func:`prune_checkpoints` keep the last K ``ckpt_*.pt`` files.
+* :func:`latest_checkpoint` and :func:`prune_checkpoints` keep the last K checkpoints: files
+  ``ckpt_*.pt`` and, for sharded (FSDP2) models, directories ``ckpt_*.dcp`` written with
+  ``torch.distributed.checkpoint`` (see :mod:`course_lib.train_state`).
 
 The pretrained model later lessons start from is saved and loaded by :mod:`course_lib.pretrained`
 (safetensors, no pickle at all).
@@ -25,6 +27,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -33,8 +36,9 @@ from typing import Any
 import numpy as np
 import torch
 
-CHECKPOINT_GLOB = "ckpt_*.pt"
-_STEP_RE = re.compile(r"ckpt_(\d+)\.pt$")
+CHECKPOINT_GLOB = "ckpt_*"
+_STEP_RE = re.compile(r"ckpt_(\d+)\.(pt|dcp)$")
+DCP_STATE_FILE = "state.pt"  # inside a sharded checkpoint directory: everything but the shards
 
 
 class CheckpointError(RuntimeError):
@@ -172,12 +176,17 @@ def _fsync_directory(directory: Path) -> None:
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device | None = "cpu") -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint`, refusing anything unsafe.
 
+    A sharded checkpoint directory (``ckpt_*.dcp``) loads too, in one process: its shards are
+    consolidated into full tensors under ``"model"`` and ``"optimizer"``.
+
     Raises:
         FileNotFoundError: ``path`` does not exist.
         UntrustedCheckpointError: the file would build arbitrary Python objects.
         CheckpointError: the file is truncated or not a checkpoint at all.
     """
     path = Path(path)
+    if path.is_dir() and (path / DCP_STATE_FILE).is_file():
+        return _load_sharded(path, map_location)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
@@ -198,8 +207,27 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device | 
         ) from None
 
 
+def _load_sharded(path: Path, map_location: str | torch.device | None) -> dict[str, Any]:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    state = load_checkpoint(path / DCP_STATE_FILE, map_location)
+    with tempfile.TemporaryDirectory() as tmp:
+        full = Path(tmp) / "full.pt"
+        dcp_to_torch_save(str(path), str(full))
+        state.update(load_checkpoint(full, map_location))
+    return state
+
+
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The step in a checkpoint's name (``ckpt_00000042.pt`` or ``.dcp`` -> 42)."""
+    match = _STEP_RE.search(Path(path).name)
+    if match is None:
+        raise ValueError(f"{path} is not named like a checkpoint (ckpt_XXXXXXXX.pt or .dcp)")
+    return int(match.group(1))
+
+
 def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
-    """The ``ckpt_*.pt`` file with the highest step in ``directory`` (None if there is none)."""
+    """The checkpoint (``ckpt_*.pt`` file or ``ckpt_*.dcp`` directory) with the highest step in ``directory`` (None if there is none)."""
     found = _checkpoints(directory)
     return found[-1] if found else None
 
@@ -214,9 +242,12 @@ def prune_checkpoints(directory: str | os.PathLike, keep: int) -> list[Path]:
         raise ValueError(f"keep must be >= 1 (keep at least the newest checkpoint), got {keep}")
     old = _checkpoints(directory)[:-keep]
     if Path(directory).is_dir():
-        old += sorted(Path(directory).glob(f".{CHECKPOINT_GLOB}.*.tmp"))
+        old += sorted(Path(directory).glob(f".{CHECKPOINT_GLOB}.tmp"))
     for p in old:
-        p.unlink(missing_ok=True)
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
     return old
 
 

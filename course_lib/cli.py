@@ -3,7 +3,10 @@
 ``python -m course_lib train --corpus shakespeare --preset tiny --steps 200 --out runs/demo``
 trains the tiny GPT on a bundled corpus with nothing else to set up. The same command under
 ``torchrun --nproc_per_node=N -m course_lib train ...`` trains with DDP (each rank draws its
-own batches; ``--micro-batch`` is per rank).
+own batches; ``--micro-batch`` is per rank), or with FSDP2 given ``--fsdp`` (weights, gradients
+and optimizer state sharded over the ranks; checkpoints are ``ckpt_XXXXXXXX.dcp`` directories
+written by every rank with ``torch.distributed.checkpoint``). ``--compile`` compiles the model
+once with ``torch.compile``.
 
 The run directory ``--out`` receives:
 
@@ -36,11 +39,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-SETTINGS_THAT_MUST_MATCH_ON_RESUME = (
-    "corpus", "preset", "steps", "precision", "grad_accum", "micro_batch", "checkpointing", "lora_rank",
-    "lora_alpha", "init_from", "seed", "lr", "warmup_steps", "min_lr_ratio", "weight_decay",
-    "clip_grad_norm", "eval_every", "eval_batches",
-)
+# Flags that must match on --resume: the CLI's own, plus every TrainConfig setting in
+# course_lib.train_state.RESUME_KEYS that is a flag (betas and eps are not).
+CLI_RESUME_FLAGS = ("corpus", "preset", "micro_batch", "checkpointing", "lora_rank", "lora_alpha", "init_from",
+                    "eval_every", "eval_batches", "fsdp")
 
 
 class CLIError(Exception):
@@ -128,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--peak-flops", type=_positive_float, default=None, help="device peak FLOP/s, to log MFU")
     t.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
     t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    t.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard weights, gradients and optimizer state over the ranks with FSDP2 "
+                        "(default: DDP, a full copy per rank); checkpoints become ckpt_*.dcp directories")
+    t.add_argument("--compile", action="store_true", help="compile the model once with torch.compile (off by default)")
     return parser
 
 
@@ -169,16 +175,48 @@ def _validate(args: argparse.Namespace) -> None:
         raise CLIError(f"--min-lr-ratio must be in [0, 1], got {args.min_lr_ratio}")
     if args.weight_decay < 0:
         raise CLIError(f"--weight-decay must be >= 0, got {args.weight_decay}")
+
+
+def _decide_resume(args: argparse.Namespace, out: Path) -> bool:
+    """Whether to continue the run in ``out`` (run on rank 0 only: every rank follows its answer)."""
     from course_lib.checkpoint import latest_checkpoint
 
+    resume = args.resume
     existing = latest_checkpoint(out)
     if existing is not None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
-        args.resume = True  # torchrun restarted the workers after a failure: continue the run
-    if args.resume and existing is None:
+        resume = True  # torchrun restarted the workers after a failure: continue the run
+    if resume and existing is None:
         raise CLIError(f"--resume: no checkpoint in {out} (the run stopped before its first checkpoint, "
                        "or it is another directory); start it again without --resume")
-    if not args.resume and existing is not None:
+    if not resume and existing is not None:
         raise CLIError(f"{out} already holds a run ({existing.name}); add --resume to continue it or choose another --out")
+    if resume:
+        _check_resume_flags(args, out)
+    return resume
+
+
+def _on_rank_0(world: int, device, decide):
+    """``decide()`` evaluated on rank 0 only; its result (or its CLIError) on every rank.
+
+    Each rank deciding for itself from what it sees in ``--out`` could disagree (another
+    machine's disk, or a checkpoint written between two ranks' looks) and hang the run.
+    """
+    from course_lib.distributed.launch import get_rank
+    from course_lib.parallel import Parallelism
+
+    answer: tuple[str, object] = ("ok", None)
+    if get_rank() == 0:
+        try:
+            answer = ("ok", decide())
+        except CLIError as e:
+            answer = ("error", str(e))
+    if world > 1:
+        import torch.distributed as dist
+
+        answer = Parallelism(device, dist.group.WORLD).broadcast_object(answer)
+    if answer[0] == "error":
+        raise CLIError(answer[1])
+    return answer[1]
 
 
 def _load_init(spec: str):
@@ -193,12 +231,12 @@ def _load_init(spec: str):
         return load_pretrained(spec)
     if path.suffix == ".safetensors" and path.is_file():
         return load_pretrained(path.stem, directory=path.parent)
-    if path.is_dir():
+    if path.is_dir() and path.suffix != ".dcp":  # a run directory (a .dcp directory is one sharded checkpoint)
         ckpt = latest_checkpoint(path)
         if ckpt is None:
             raise CLIError(f"--init-from {spec}: no ckpt_*.pt in that directory")
         path = ckpt
-    if not path.is_file():
+    if not path.exists():
         raise CLIError(f"--init-from {spec}: not a pretrained name, directory or file "
                        f"(bundled: {sorted(p.stem for p in PRETRAINED_DIR.glob('*.safetensors')) or 'none'})")
     state = load_checkpoint(path)
@@ -240,10 +278,12 @@ def _check_resume_flags(args: argparse.Namespace, out: Path) -> None:
     saved_path = out / "config.json"
     if not saved_path.is_file():
         raise CLIError(f"--resume: {saved_path} is missing, so the run's settings are unknown")
+    from course_lib.train_state import RESUME_KEYS
+
     saved = json.loads(saved_path.read_text())["args"]
     now = vars(args)
-    changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {now[k]!r}"
-               for k in SETTINGS_THAT_MUST_MATCH_ON_RESUME if saved.get(k) != now[k]]
+    keys = (*CLI_RESUME_FLAGS, *(k for k in RESUME_KEYS if k in now))
+    changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {now[k]!r}" for k in keys if saved.get(k) != now[k]]
     if changed:
         raise CLIError("--resume with different settings (" + "; ".join(changed) + "): rerun the original command "
                        "with --resume, or start a new run in another --out")
@@ -255,7 +295,7 @@ def _check_resume_flags(args: argparse.Namespace, out: Path) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     """The ``train`` command (see the module docstring)."""
     _validate(args)
-    from course_lib.checkpoint import latest_checkpoint, load_checkpoint
+    from course_lib.checkpoint import checkpoint_step, latest_checkpoint
     from course_lib.device import best_precision, supported_precisions
     from course_lib.distributed.launch import cleanup, init_from_env
     from course_lib.model import GPT, GPTConfig
@@ -265,6 +305,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.precision not in supported_precisions(device):
         raise CLIError(f"--precision {args.precision} is not supported on {device} "
                        f"(supported: {', '.join(supported_precisions(device))})")
+    if args.compile:
+        from course_lib.training import compiler_problem
+
+        if (problem := compiler_problem()) is not None:
+            raise CLIError(f"--compile: torch.compile does not work here ({problem}); run without --compile")
     if args.log_every is None:
         args.log_every = 1 if args.steps <= 1000 else 10
     if args.warmup_steps is None:
@@ -272,10 +317,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.lora_rank is not None and args.lora_alpha is None:
         args.lora_alpha = 2.0 * args.lora_rank
     out = Path(args.out)
-    if args.resume:
-        _check_resume_flags(args, out)
 
-    rank, local_rank, world = init_from_env()
+    rank, local_rank, world = init_from_env(device=device)
     if world > 1 and device.type == "cuda":
         import torch
 
@@ -283,6 +326,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if world > 1:
         print(f"rank {rank} of {world} (local rank {local_rank}) on {device}", flush=True)
     try:
+        if args.fsdp and world == 1:
+            raise CLIError("--fsdp shards the model over the processes torchrun starts: run it under "
+                           "torchrun --nproc_per_node=N (one process trains unsharded without --fsdp)")
+        args.resume = _on_rank_0(world, device, lambda: _decide_resume(args, out))
         from course_lib.data import RandomWindowBatches, encode_corpus, eval_windows, train_val_split
         from course_lib.training import TrainConfig, seed_everything, train
 
@@ -312,9 +359,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             mark_only_lora_trainable(model)
         model.to(device)
         trained = model
-        if world > 1:
-            from torch.nn.parallel import DistributedDataParallel
-            trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if world > 1 and args.fsdp:
+            from course_lib.parallel import apply_fsdp
+            trained = apply_fsdp(model)  # every rank built the same weights (same seed)
+        elif world > 1:
+            from course_lib.parallel import apply_ddp
+            trained = apply_ddp(model, device)
 
         peak = args.peak_flops
         if peak is None:
@@ -326,7 +376,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             precision=args.precision, eval_every=args.eval_every, eval_batches=args.eval_batches,
             checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
             log_every=args.log_every, out_dir=str(out), seed=args.seed, peak_flops=peak,
-            progress=not args.no_progress,
+            progress=not args.no_progress, compile=args.compile,
         )
         extra = {"model_config": model.config.to_dict(), "tokenizer": tokenizer.to_dict(),
                  "lora": None if args.lora_rank is None else {"rank": args.lora_rank, "alpha": args.lora_alpha}}
@@ -336,7 +386,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             out.mkdir(parents=True, exist_ok=True)
             if args.resume:
                 ckpt = latest_checkpoint(out)
-                step = int(load_checkpoint(ckpt)["step"])
+                step = checkpoint_step(ckpt)
                 print(f"resuming from {ckpt.name} (step {step})", flush=True)
                 _truncate_metrics(out / "metrics.jsonl", step)
             else:

@@ -62,6 +62,18 @@ def cuda_bf16_native(device: torch.device | str | int | None = None) -> bool:
             return bool(torch.cuda.is_bf16_supported(including_emulation=False))
         except TypeError:  # a torch without the keyword: the capability (checked above) decides
             return True
+def synchronize(device: torch.device | str) -> None:
+    """Wait until the work queued on ``device`` has finished (a no-op on CPU).
+
+    The one place the library waits for a device: GPU kernels run asynchronously, so a timer
+    read without it measures only how fast the host queued the work. Every call stalls the
+    host, so the training loop calls it only on logged steps.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def supported_precisions(device: torch.device | str | None = None) -> list[str]:

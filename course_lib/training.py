@@ -1,77 +1,71 @@
 """The training loop: accumulation, mixed precision, clipping, schedule, eval, checkpoints, resume.
 
+:func:`train` reads top to bottom like nanoGPT's ``train.py``: build the :class:`TrainState`
+(model, optimizer, scheduler, scaler, data position, RNG, step), restore it when resuming, then
+per step ``forward_backward`` over one window, ``optimizer_step``, and log / evaluate /
+checkpoint when due. What differs between one process, DDP and FSDP2 is asked of a
+:class:`course_lib.parallel.Parallelism`; saving and restoring is
+:class:`course_lib.train_state.Checkpointer`'s job.
+
 One optimizer **step** consumes one *window* of ``grad_accum`` micro-batches. The loss of the
-window is weighted by real tokens (labels != -100) across the whole window:
+window is weighted by real tokens (labels != -100) across the whole window and every rank:
 
-    loss = sum over the window of per-token losses / number of real tokens in the window
+    loss = sum over the window (and ranks) of per-token losses / number of real tokens
 
-Each micro-batch's summed loss (``model(..., reduction="sum")``) is divided by the window's
-token count *before* backward, so the gradient equals the gradient of one big batch holding
-every micro-batch, whatever their lengths. (Dividing each micro-batch's *mean* by
-``grad_accum`` is only right when every micro-batch has the same number of real tokens:
-Errata 7.)
+Each micro-batch's summed loss (``model(..., reduction="sum")``) is multiplied by
+``world_size / global real tokens`` before backward (DDP and FSDP2 average the gradients over
+ranks; the factor undoes that), so the gradient equals one process's gradient of one big batch
+holding every micro-batch of every rank, whatever their lengths. (Dividing each micro-batch's
+*mean* by ``grad_accum`` is only right when every micro-batch has the same number of real
+tokens: Errata 7.) All micro-steps but the last skip the gradient sync (``no_sync`` /
+``set_requires_gradient_sync(False)``): one synchronisation per window.
 
-Under DDP (a ``DistributedDataParallel`` model and an initialised process group):
+The logged loss is the global token-weighted mean; only rank 0 logs. Each rank seeds its RNG
+with ``seed + rank`` after the weights were synchronised, so dropout differs between ranks, and
+a checkpoint holds every rank's RNG and data position, so each rank resumes its own stream.
 
-* all micro-steps but the last run under ``model.no_sync()``: one all-reduce per window;
-* the token count is all-reduced, so every rank divides by the *global* count, and the loss is
-  multiplied by the world size to undo DDP's gradient averaging: the gradients equal the
-  single-process gradient of the global batch;
-* the logged loss is the global token-weighted mean (not rank 0's local loss);
-* only rank 0 logs and writes checkpoints; each checkpoint holds the RNG and data position of
-  *every* rank (gathered), so each rank resumes its own stream.
+A **trailing partial window** (the data ends before ``grad_accum`` micro-batches) is still
+stepped, weighted by its own real tokens; the step where the data ends (partial or exactly at a
+window boundary) is the last one: it is logged, evaluated and checkpointed. Under DDP every rank
+must see the same number of micro-batches; a mismatch raises instead of hanging.
 
-A **trailing partial window** (the batch iterator ends before ``grad_accum`` micro-batches) is
-still stepped: its loss is divided by its own real-token count, so it is a correctly weighted
-(smaller) batch. Training then stops early; ``TrainResult.step`` says where. Under DDP every
-rank must see the same number of micro-batches (a ``DistributedSampler`` does this); a
-mismatch raises instead of hanging.
+The host waits for the device only on logged steps (``log_every``): losses and gradient norms
+stay on the device in between. On CUDA batches are copied from pinned memory one batch ahead,
+and fp32 matmuls use TF32 on Ampere or newer GPUs (logged once).
 
-Exact resume: a checkpoint holds model, optimizer, scheduler, GradScaler, RNG states, the batch
-iterator's ``state_dict()`` and the step; after ``train(..., resume=True)`` the logged losses
-equal an uninterrupted run's bit for bit.
+Exact resume: after ``train(..., resume=True)`` the logged losses equal an uninterrupted run's
+bit for bit. The data source must be able to say where it is (see
+:class:`course_lib.train_state.DataPosition`); ``train`` refuses to checkpoint one that cannot.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import random
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from course_lib.checkpoint import (
-    checkpoint_path,
-    latest_checkpoint,
-    load_checkpoint,
-    prune_checkpoints,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
-from course_lib.constants import IGNORE_INDEX
+from course_lib.device import synchronize
 from course_lib.distributed.faults import maybe_inject_fault
+from course_lib.distributed.launch import get_rank
 from course_lib.monitoring import mfu
+from course_lib.parallel import Parallelism, parallelism_for, real_tokens, unwrap
 from course_lib.precision import DTYPES, autocast, make_grad_scaler
 from course_lib.schedulers import warmup_cosine
+from course_lib.train_state import Checkpointer, DataPosition, TrainState, check_resume_config
 
-__all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "accumulate_gradients", "make_optimizer", "seed_everything"]
-
-# Settings whose change would make a resumed run a different run.
-_RESUME_KEYS = ("steps", "lr", "weight_decay", "betas", "eps", "warmup_steps", "min_lr_ratio",
-                "grad_accum", "clip_grad_norm", "precision", "seed")
+__all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "accumulate_gradients", "make_optimizer", "seed_everything",
+           "compile_model", "compiler_problem"]
 
 
 @dataclass
@@ -100,6 +94,8 @@ class TrainConfig:
         seed: seeds python, numpy and torch at the start of a fresh run (dropout, sampling).
         peak_flops: the device's peak FLOP/s; when given, ``mfu`` is logged.
         progress: show a tqdm progress bar (rank 0 only).
+        compile: compile the model once with ``torch.compile`` before training (see
+            :func:`compile_model`); checkpoints stay interchangeable with eager runs.
     """
 
     steps: int = 100
@@ -122,6 +118,7 @@ class TrainConfig:
     seed: int = 0
     peak_flops: float | None = None
     progress: bool = True
+    compile: bool = False
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -205,12 +202,72 @@ def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device |
     return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps, fused=fused)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, DistributedDataParallel) else model
+OptimizerArg = torch.optim.Optimizer | Callable[[nn.Module], torch.optim.Optimizer] | None
 
 
-def _to(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+def _build_optimizer(optimizer: OptimizerArg, model: nn.Module, config: TrainConfig,
+                     device: torch.device) -> torch.optim.Optimizer:
+    """``optimizer`` itself, ``optimizer(model)`` for a factory, or :func:`make_optimizer`."""
+    if optimizer is None:
+        return make_optimizer(model, config, device)
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return optimizer
+    if callable(optimizer):
+        built = optimizer(model)
+        if not isinstance(built, torch.optim.Optimizer):
+            raise TypeError(f"the optimizer factory returned {type(built).__name__}, not a torch.optim.Optimizer")
+        return built
+    raise TypeError("optimizer= takes a torch.optim.Optimizer or a function model -> Optimizer, "
+                    f"not {type(optimizer).__name__}")
+
+
+# --------------------------------------------------------------------------- compile and TF32
+
+_COMPILER_ERROR: list[str | None] = []  # filled by the first probe: [None] = works, [reason] = does not
+
+
+def compiler_problem() -> str | None:
+    """Why ``torch.compile`` does not work here, or ``None`` when it does.
+
+    Probed once per process by compiling and running a two-op function (the first call takes
+    a few seconds).
+    """
+    if not _COMPILER_ERROR:
+        try:
+            fn = torch.compile(lambda x: torch.sin(x) * 2 + 1)
+            fn(torch.ones(4))
+            _COMPILER_ERROR.append(None)
+        except Exception as e:  # noqa: BLE001 - any failure means: no working compiler here
+            _COMPILER_ERROR.append(" ".join(str(e).split())[:300] or type(e).__name__)
+    return _COMPILER_ERROR[0]
+
+
+def compile_model(model: nn.Module) -> nn.Module:
+    """Compile ``model`` in place with ``torch.compile`` (``nn.Module.compile``) and return it.
+
+    In place, so ``model.state_dict()`` keeps its keys (no ``_orig_mod.`` prefix) and a
+    checkpoint of a compiled run loads into an eager model and back. Works under DDP (the
+    wrapped module is compiled) and with LoRA. Raises ``RuntimeError`` naming the cause where
+    the platform has no working compiler (probed once per process).
+    """
+    reason = compiler_problem()
+    if reason is not None:
+        raise RuntimeError(f"torch.compile does not work on this platform ({reason}); "
+                           "train without compile=True / --compile")
+    unwrap(model).compile()
+    return model
+
+
+def _allow_tf32(device: torch.device, precision: str) -> bool:
+    """Let fp32 matmuls use TF32 tensor cores on Ampere+ GPUs (10-bit mantissa inputs, fp32 sums)."""
+    if device.type != "cuda" or precision != "fp32" or torch.cuda.get_device_capability(device)[0] < 8:
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return True
+
+
+# --------------------------------------------------------------------------- the step, in pieces
 
 
 def _forward_kwargs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -226,8 +283,9 @@ def evaluate(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], *,
     """Token-weighted mean loss over ``batches`` (every real token counts the same).
 
     The model is put in eval mode (no dropout) and restored to its previous mode afterwards.
+    A sharded (FSDP2) model must be evaluated on every rank (its forward gathers weights).
     """
-    model = _unwrap(model)
+    model = unwrap(model)  # DDP's module (evaluation needs no gradient sync); an FSDP2 model is itself
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -236,11 +294,11 @@ def evaluate(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], *,
         for i, batch in enumerate(batches):
             if max_batches is not None and i >= max_batches:
                 break
-            batch = _to(batch, device)
+            count += real_tokens(batch["labels"])
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with autocast(device, precision):
                 out = model(batch["input_ids"], reduction="sum", **_forward_kwargs(batch))
             total += out.loss.double()
-            count += int((batch["labels"] != IGNORE_INDEX).sum())
     finally:
         model.train(was_training)
     if count == 0:
@@ -248,110 +306,94 @@ def evaluate(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], *,
     return total.item() / count
 
 
-def _next_window(it: Iterator[Any], k: int) -> list[Any]:
-    window = []
-    for _ in range(k):
-        try:
-            window.append(next(it))
-        except StopIteration:
-            break
-    return window
+def forward_backward(model: nn.Module, window: Sequence[Mapping[str, torch.Tensor]], global_real: int,
+                     parallel: Parallelism, scaler: torch.amp.GradScaler, precision: str) -> torch.Tensor:
+    """Forward and backward every micro-batch of a window; return this rank's summed loss.
 
-
-class _Dist:
-    """The process-group facts the loop needs (world size 1 when not distributed)."""
-
-    def __init__(self, model: nn.Module, device: torch.device) -> None:
-        initialised = dist.is_available() and dist.is_initialized()
-        self.ddp = isinstance(model, DistributedDataParallel)
-        if self.ddp and not initialised:
-            raise ValueError("the model is wrapped in DistributedDataParallel but no process group is initialised")
-        # Collectives (global token counts, x world size) only for a DDP model: a plain model in a
-        # process group trains on its own and must not have its gradients scaled by the world size.
-        self.active = self.ddp
-        self.rank = dist.get_rank() if initialised else 0
-        self.world = dist.get_world_size() if self.ddp else 1
-        self.device = device
-
-    def window_counts(self, real: int, inputs: int, n_micro: int) -> tuple[int, int, int]:
-        """Global real tokens, global input tokens and this window's micro-batch count."""
-        if not self.active:
-            return real, inputs, n_micro
-        # one collective per window: every rank's (real, inputs, micro-batches)
-        mine = torch.tensor([real, inputs, n_micro], dtype=torch.int64, device=self.device)
-        every = [torch.empty_like(mine) for _ in range(self.world)]
-        dist.all_gather(every, mine)
-        counts = torch.stack(every).cpu()
-        most, fewest = int(counts[:, 2].max()), int(counts[:, 2].min())
-        if most != fewest:
-            raise RuntimeError(
-                f"ranks disagree on the window size ({fewest} to {most} micro-batches): every rank "
-                "must get the same number of batches (use a DistributedSampler / equal shards)"
-            )
-        return int(counts[:, 0].sum()), int(counts[:, 1].sum()), n_micro
-
-    def sum(self, value: torch.Tensor) -> torch.Tensor:
-        if self.active:
-            value = value.clone()
-            dist.all_reduce(value)
-        return value
-
-    def gather(self, obj: Any) -> list[Any]:
-        """Every rank's ``obj`` (a list of one when not distributed)."""
-        if not self.active:
-            return [obj]
-        out: list[Any] = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
-
-
-def _backward_window(model: nn.Module, window: Sequence[Mapping[str, torch.Tensor]], real: int, group: _Dist,
-                     scaler: torch.amp.GradScaler, precision: str) -> torch.Tensor:
-    """Forward and backward every micro-batch; return this rank's summed (detached) loss."""
-    loss_sum = torch.zeros((), device=group.device)
+    The returned loss stays on the device (no host sync); the gradient sync runs only on the
+    last micro-step.
+    """
+    loss_sum = torch.zeros((), device=parallel.device)
+    factor = parallel.loss_scale(global_real)
     for i, batch in enumerate(window):
-        batch = _to(batch, group.device)
-        sync = not group.ddp or i == len(window) - 1
-        with contextlib.nullcontext() if sync else model.no_sync():
-            with autocast(group.device, precision):
+        with parallel.micro_step(model, last=i == len(window) - 1):
+            with autocast(parallel.device, precision):
                 out = model(batch["input_ids"], reduction="sum", **_forward_kwargs(batch))
-            # summed loss / GLOBAL real tokens, times world size to undo DDP's gradient averaging
-            scaler.scale(out.loss * (group.world / real)).backward()
+            scaler.scale(out.loss * factor).backward()
         loss_sum += out.loss.detach()
     return loss_sum
 
 
+def optimizer_step(state: TrainState, params: Sequence[torch.Tensor], clip: float | None) -> torch.Tensor:
+    """Clip the (unscaled) gradients, step (skipped by the scaler on an fp16 overflow), zero the
+    gradients, advance the schedule; return the gradient norm before clipping (on the device)."""
+    grad_norm = state.parallel.clip_grad_norm(params, clip or math.inf)
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scheduler.step()
+    return grad_norm
+
+
 def accumulate_gradients(model: nn.Module, window: Sequence[Mapping[str, torch.Tensor]], *,
-                         precision: str = "fp32", device: torch.device | str | None = None) -> float:
+                         precision: str = "fp32", device: torch.device | str | None = None,
+                         scaler: torch.amp.GradScaler | None = None) -> float:
     """Backward one accumulation window exactly as :func:`train` does; return its mean loss.
 
     Afterwards ``p.grad`` holds the gradient of the token-weighted mean loss over the whole
     window: the same as one batch holding every micro-batch, even when they hold different
-    numbers of real tokens (and, under DDP, the same as one process holding every rank's
-    batches). Gradients are added to any already in ``p.grad``.
+    numbers of real tokens (and, under DDP or FSDP2, the same as one process holding every
+    rank's batches). Gradients are added to any already in ``p.grad``.
+
+    fp16 needs loss scaling (small gradients underflow to zero in fp16): pass ``scaler`` (e.g.
+    ``make_grad_scaler(device, "fp16")``); the gradients are then *scaled*, so call
+    ``scaler.unscale_(optimizer)`` before reading or clipping them, as :func:`train` does.
     """
-    device = torch.device(device) if device is not None else next(_unwrap(model).parameters()).device
-    group = _Dist(model, device)
-    local = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in window)
-    real, _, _ = group.window_counts(local, sum(b["input_ids"].numel() for b in window), len(window))
+    if precision == "fp16" and (scaler is None or not scaler.is_enabled()):
+        raise ValueError("precision='fp16' needs loss scaling, or small gradients underflow to zero: pass "
+                         "scaler=course_lib.precision.make_grad_scaler(device, 'fp16') and call "
+                         "scaler.unscale_(optimizer) before using the gradients (or use bf16)")
+    device = torch.device(device) if device is not None else next(unwrap(model).parameters()).device
+    parallel = parallelism_for(model, device)
+    local = sum(real_tokens(b["labels"]) for b in window)
+    real, _, _, _ = parallel.window_counts(local, sum(b["input_ids"].numel() for b in window), len(window))
     if real == 0:
         raise ValueError("the window has no real tokens (every label is -100)")
-    loss_sum = _backward_window(model, window, real, group, make_grad_scaler(device, "fp32"), precision)
-    return (group.sum(loss_sum) / real).item()
+    moved = [{k: v.to(device) for k, v in b.items()} for b in window]
+    scaler = scaler if scaler is not None else make_grad_scaler(device, "fp32")
+    loss_sum = forward_backward(model, moved, real, parallel, scaler, precision)
+    return (parallel.sum(loss_sum) / real).item()
 
 
-def _data_state(batches: Any) -> Any:
-    return batches.state_dict() if hasattr(batches, "state_dict") else None
+class _Meter:
+    """Tokens and time since the last record (time spent checkpointing or evaluating excluded)."""
+
+    def __init__(self) -> None:
+        self.inputs, self.t0 = 0, time.perf_counter()
+
+    def rate(self, device: torch.device) -> float:
+        synchronize(device)  # one host sync per logged step: GPU work is asynchronous
+        return self.inputs / max(time.perf_counter() - self.t0, 1e-9)
+
+    def reset(self) -> None:
+        self.inputs, self.t0 = 0, time.perf_counter()
 
 
-def _check_resume_config(saved: Mapping[str, Any], config: TrainConfig, path: Path) -> None:
-    now = config.to_dict()
-    changed = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in _RESUME_KEYS if saved.get(k) != now[k]]
-    if changed:
-        raise ValueError(
-            f"cannot resume from {path}: these settings differ from the checkpoint's ({'; '.join(changed)}). "
-            "Resume with the same settings, or start a new run in another directory."
-        )
+def _log_record(state: TrainState, config: TrainConfig, loss_sum: torch.Tensor, real: int, grad_norm: torch.Tensor,
+                lr: float, meter: _Meter, flops_per_token: float | None) -> dict[str, Any]:
+    """The metrics of one logged step (the only place the loop reads device values)."""
+    record: dict[str, Any] = {
+        "step": state.step, "loss": (state.parallel.sum(loss_sum) / real).item(), "lr": lr,
+        "grad_norm": grad_norm.item(), "tokens_per_s": meter.rate(state.parallel.device), "tokens": real,
+    }
+    if config.peak_flops and flops_per_token is not None:
+        record["mfu"] = mfu(record["tokens_per_s"], flops_per_token, config.peak_flops * state.parallel.world_size)
+    if config.precision == "fp16":
+        record["loss_scale"] = state.scaler.get_scale()
+    return record
+
+
+# --------------------------------------------------------------------------- train()
 
 
 def train(
@@ -364,161 +406,119 @@ def train(
     device: torch.device | str | None = None,
     resume: bool | str | os.PathLike = False,
     extra_state: Mapping[str, Any] | None = None,
+    optimizer: OptimizerArg = None,
+    compile: bool | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``batches`` following ``config``; see the module docstring.
 
     Args:
         model: a ``course_lib.model.GPT`` (or any module called as ``model(input_ids,
-            labels=..., reduction="sum")`` returning ``.loss``), optionally DDP-wrapped.
-        batches: iterable of ``{"input_ids", "labels"[, "attention_mask"]}`` micro-batches,
-            e.g. ``course_lib.data.RandomWindowBatches``. Its ``state_dict()`` (when present)
-            is saved in checkpoints so a resumed run sees the same data.
+            labels=..., reduction="sum")`` returning ``.loss``): plain, DDP-wrapped
+            (:func:`course_lib.parallel.apply_ddp`) or sharded with FSDP2
+            (:func:`course_lib.parallel.apply_fsdp`).
+        batches: iterable of ``{"input_ids", "labels"[, "attention_mask"]}`` micro-batches
+            on the host, e.g. ``course_lib.data.RandomWindowBatches``, a list, or a
+            ``DataLoader``; with ``config.out_dir`` it must be resumable
+            (:class:`course_lib.train_state.DataPosition`).
         config: a :class:`TrainConfig`.
         eval_data: a re-iterable sequence of eval batches (a list, not a one-shot iterator).
         loggers: objects with ``log(metrics, step)`` (``course_lib.monitoring``); rank 0 only.
             ``train`` does not close them.
         device: where to train (default: where the model's parameters are).
-        resume: ``True`` = continue from the newest checkpoint in ``config.out_dir``; a path =
-            continue from that checkpoint; ``False`` = fresh run.
+        resume: ``True`` = continue from the newest checkpoint in ``config.out_dir`` (as rank 0
+            sees it); a path = continue from that checkpoint; ``False`` = fresh run.
         extra_state: plain data stored in every checkpoint under ``"extra"`` (e.g. the model
             config, so the checkpoint can rebuild its model).
+        optimizer: an optimizer over ``model``'s parameters, or a function ``model ->
+            optimizer`` (muP parameter groups, Muon...); default :func:`make_optimizer`.
+        compile: compile the model once before training (default ``config.compile``).
 
     Returns:
         A :class:`TrainResult` with the logged history.
     """
-    raw = _unwrap(model)
-    device = torch.device(device) if device is not None else next(raw.parameters()).device
-    if not isinstance(model, DistributedDataParallel):
+    device = torch.device(device) if device is not None else next(unwrap(model).parameters()).device
+    parallel = parallelism_for(model, device)
+    if parallel.name == "single":
         model.to(device)
-    group = _Dist(model, device)
     if eval_data is not None and iter(eval_data) is eval_data:
         raise ValueError("eval_data must be re-iterable (a list of batches), not a one-shot iterator; "
                          "wrap it in list(...)")
-    loggers = list(loggers or []) if group.rank == 0 else []
+    if config.compile if compile is None else compile:
+        compile_model(model)
+    loggers = list(loggers or []) if parallel.is_writer else []
+    if _allow_tf32(device, config.precision) and parallel.is_writer:
+        print("fp32 matmuls use TF32 tensor cores on this GPU (torch.backends.cuda.matmul.allow_tf32)", flush=True)
 
-    optimizer = make_optimizer(model, config, device)
-    scheduler = warmup_cosine(optimizer, config.warmup_steps, config.steps, config.min_lr_ratio)
-    scaler = make_grad_scaler(device, config.precision)
+    # ---- the state a checkpoint holds, restored when resuming
+    optim = _build_optimizer(optimizer, model, config, device)
+    state = TrainState(
+        model=model, optimizer=optim,
+        scheduler=warmup_cosine(optim, config.warmup_steps, config.steps, config.min_lr_ratio),
+        scaler=make_grad_scaler(device, config.precision),
+        data=DataPosition(batches, device, resumable_required=config.out_dir is not None),
+        parallel=parallel,
+    )
+    checkpointer = Checkpointer(config.out_dir, config.keep_checkpoints, parallel)
     result = TrainResult()
-
-    if resume:
-        path = Path(resume) if not isinstance(resume, bool) else (
-            latest_checkpoint(config.out_dir) if config.out_dir else None)
-        if path is None:
-            raise FileNotFoundError(f"resume=True but there is no checkpoint in out_dir={config.out_dir!r}")
-        state = load_checkpoint(path, map_location="cpu")
-        _check_resume_config(state["config"], config, path)
-        if len(state["rng"]) != group.world:
-            raise ValueError(f"{path} was written by {len(state['rng'])} rank(s); resume it with the same "
-                             f"number of processes, not {group.world}")
-        raw.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        data = state["data"][group.rank]
-        if data is not None:
-            if not hasattr(batches, "load_state_dict"):
-                raise ValueError("the checkpoint holds a data position but `batches` has no load_state_dict(); "
-                                 "pass the same kind of batch iterator as the interrupted run")
-            batches.load_state_dict(data)
-        set_rng_state(state["rng"][group.rank])
-        result.step = result.resumed_from = int(state["step"])
+    path = checkpointer.choose(resume)
+    if path is not None:
+        checkpointer.load(path, state, check=lambda saved: check_resume_config(saved, config.to_dict(), path))
+        result.step = result.resumed_from = state.step
         result.checkpoint = path
     else:
-        seed_everything(config.seed)
+        seed_everything(config.seed + parallel.rank)  # after the weights are in sync: own dropout per rank
 
-    flops_per_token = getattr(raw, "flops_per_token", None)
+    flops_per_token = getattr(unwrap(model), "flops_per_token", None)
+    seq_flops = None
     params = [p for p in model.parameters() if p.requires_grad]
-    data_iter = iter(batches)
-    bar = tqdm(total=config.steps, initial=result.step, desc="train", unit="step",
-               disable=not (config.progress and group.rank == 0), dynamic_ncols=True)
-    inputs_since_log, seq_len = 0, None
-    t_last = time.perf_counter()
+    bar = tqdm(total=config.steps, initial=state.step, desc="train", unit="step",
+               disable=not (config.progress and parallel.is_writer), dynamic_ncols=True)
+    meter = _Meter()
     model.train()
 
-    for step in range(result.step + 1, config.steps + 1):
-        maybe_inject_fault(step, group.rank)  # no-op unless a fault-tolerance test asks for a kill
-        window = _next_window(data_iter, config.grad_accum)
-        real = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in window)
-        inputs = sum(b["input_ids"].numel() for b in window)
-        real, inputs, n_micro = group.window_counts(real, inputs, len(window))
+    for step in range(state.step + 1, config.steps + 1):
+        maybe_inject_fault(step, get_rank())  # no-op unless a fault-tolerance test asks for a kill
+        window = state.data.next_window(config.grad_accum)
+        real, inputs, n_micro, data_ends = parallel.window_counts(
+            sum(r for _, r, _ in window), sum(n for _, _, n in window), len(window), state.data.exhausted())
         if n_micro == 0:
-            break  # the data ran out exactly at a window boundary
+            break  # nothing left (a resumed run whose data had already ended)
         if real == 0:
             raise ValueError(f"step {step}: every label in the window is -100, there is nothing to learn from")
-        seq_len = window[0]["input_ids"].shape[1]
-        lr = scheduler.get_last_lr()[0]
-        loss_sum = _backward_window(model, window, real, group, scaler, config.precision)
-        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        lr = state.scheduler.get_last_lr()[0]
+
+        loss_sum = forward_backward(model, [b for b, _, _ in window], real, parallel, state.scaler, config.precision)
+        state.scaler.unscale_(state.optimizer)  # clip and measure the true gradients, not the scaled ones
         layer_norms = {}
-        if config.per_layer_grad_norm_every and step % config.per_layer_grad_norm_every == 0:
+        if config.per_layer_grad_norm_every and step % config.per_layer_grad_norm_every == 0 and not parallel.sharded:
             from course_lib.monitoring import grad_norms
 
-            layer_norms = {k: v for k, v in grad_norms(raw, per_layer=True).items() if k != "grad_norm"}
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.clip_grad_norm or math.inf)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        result.step = step
-        inputs_since_log += inputs
+            layer_norms = {k: v for k, v in grad_norms(unwrap(model), per_layer=True).items() if k != "grad_norm"}
+        grad_norm = optimizer_step(state, params, config.clip_grad_norm)
+        state.step = result.step = step
+        meter.inputs += inputs
         bar.update(1)
 
-        last = step == config.steps or len(window) < config.grad_accum
-        if step % config.log_every == 0 or last or (config.eval_every and step % config.eval_every == 0):
-            loss = (group.sum(loss_sum) / real).item()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            now = time.perf_counter()
-            record: dict[str, Any] = {
-                "step": step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
-                "tokens_per_s": inputs_since_log / max(now - t_last, 1e-9), "tokens": real,
-            }
-            if config.peak_flops and flops_per_token is not None:
-                record["mfu"] = mfu(record["tokens_per_s"], flops_per_token(seq_len), config.peak_flops * group.world)
-            if config.precision == "fp16":
-                record["loss_scale"] = scaler.get_scale()
+        last = step == config.steps or data_ends  # the data ends with this step (partial window or not)
+        evaluating = eval_data is not None and (last or (config.eval_every and step % config.eval_every == 0))
+        if step % config.log_every == 0 or last or evaluating:
+            if seq_flops is None and flops_per_token is not None:
+                seq_flops = flops_per_token(window[0][0]["input_ids"].shape[1])
+            record = _log_record(state, config, loss_sum, real, grad_norm, lr, meter, seq_flops)
             record.update(layer_norms)
-            if eval_data is not None and (last or (config.eval_every and step % config.eval_every == 0)):
-                # every rank evaluates the same batches on its (identical) model: no communication
+            if evaluating:
+                # every rank evaluates the same batches (an FSDP2 forward needs all of them)
                 record["val_loss"] = result.val_loss = evaluate(
-                    raw, eval_data, device=device, precision=config.precision, max_batches=config.eval_batches)
+                    model, eval_data, device=device, precision=config.precision, max_batches=config.eval_batches)
             result.history.append(record)
             for logger in loggers:
                 logger.log({k: v for k, v in record.items() if k != "step"}, step=step)
-            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-            inputs_since_log = 0
-            t_last = time.perf_counter()
-
+            bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
+            meter.reset()
         if config.out_dir is not None and (last or (config.checkpoint_every and step % config.checkpoint_every == 0)):
-            result.checkpoint = _save(config, group, raw, optimizer, scheduler, scaler, batches, step, extra_state)
-            t_last = time.perf_counter()  # do not count checkpoint time as training time
-        if len(window) < config.grad_accum:
-            break  # trailing partial window: stepped above, and the data is exhausted
+            result.checkpoint = checkpointer.save(state, config=config.to_dict(), extra=dict(extra_state or {}))
+            meter.t0 = time.perf_counter()  # do not count checkpoint time as training time
+        if last:
+            break
     bar.close()
     return result
-
-
-def _save(config: TrainConfig, group: _Dist, raw: nn.Module, optimizer: torch.optim.Optimizer,
-          scheduler: Any, scaler: torch.amp.GradScaler, batches: Any, step: int,
-          extra_state: Mapping[str, Any] | None) -> Path:
-    rngs = group.gather(rng_state())
-    data = group.gather(_data_state(batches))
-    path = checkpoint_path(config.out_dir, step)
-    if group.rank == 0:
-        save_checkpoint(
-            path,
-            model=raw.state_dict(),
-            optimizer=optimizer.state_dict(),
-            scheduler=scheduler.state_dict(),
-            scaler=scaler.state_dict(),
-            rng=rngs,
-            data=data,
-            step=step,
-            config=config.to_dict(),
-            extra=dict(extra_state or {}),
-        )
-        prune_checkpoints(config.out_dir, config.keep_checkpoints)
-    if group.active:
-        dist.barrier()  # no rank runs ahead of a checkpoint that is still being written
-    return path

@@ -210,3 +210,22 @@ def test_a_tensor_subclass_is_refused_with_the_dtensor_hint(tmp_path):
     assert not _torch_loads(value)
     with pytest.raises(ck.UnloadableStateError, match=r"full_tensor\(\)"):
         ck.save_checkpoint(tmp_path / "c.pt", w=value)
+def test_sharded_checkpoint_directories_are_listed_pruned_and_loaded_in_one_process(tmp_path):
+    """``ckpt_*.dcp`` directories (FSDP2, torch.distributed.checkpoint) sit beside ``ckpt_*.pt`` files."""
+    import torch.distributed.checkpoint as dcp
+
+    weights = {"w": torch.arange(6.0).reshape(2, 3)}
+    for step in (2, 4):
+        path = tmp_path / f"ckpt_{step:08d}.dcp"
+        dcp.save({"model": weights}, checkpoint_id=str(path), no_dist=True)  # one writer
+        ck.save_checkpoint(path / ck.DCP_STATE_FILE, step=step)
+    killed = tmp_path / ".ckpt_00000006.dcp.tmp"  # a sharded save killed before its rename
+    killed.mkdir()
+    (killed / "__0_0.distcp").write_bytes(b"half")
+    assert ck.latest_checkpoint(tmp_path).name == "ckpt_00000004.dcp"
+    assert ck.checkpoint_step(ck.latest_checkpoint(tmp_path)) == 4
+    state = ck.load_checkpoint(tmp_path / "ckpt_00000004.dcp")
+    assert state["step"] == 4 and torch.equal(state["model"]["w"], weights["w"])
+    removed = ck.prune_checkpoints(tmp_path, keep=1)
+    assert sorted(p.name for p in removed) == [".ckpt_00000006.dcp.tmp", "ckpt_00000002.dcp"]
+    assert not killed.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_00000004.dcp"]

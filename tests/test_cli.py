@@ -90,6 +90,7 @@ def _assert_one_line_error(status, err, match):
         (["--device", "tpu9"], "tpu9"),
         (["--wandb", "sometimes"], "sometimes"),
         (["--bogus-flag"], "--bogus-flag"),
+        (["--fsdp"], "torchrun"),
     ],
 )
 def test_bad_flags_exit_non_zero_with_one_line(tmp_path, capsys, flags, match):
@@ -110,6 +111,9 @@ def test_more_impossible_setups(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(course_lib.device, "supported_precisions", lambda device=None: ["fp32"])
     _assert_one_line_error(*_main(["train", "--out", str(tmp_path / "r"), "--precision", "fp16"], capsys),
                            "not supported")
+    import course_lib.training
+    monkeypatch.setattr(course_lib.training, "_COMPILER_ERROR", ["no C++ compiler"])
+    _assert_one_line_error(*_main(["train", "--out", str(tmp_path / "r"), "--compile"], capsys), "no C++ compiler")
 
 
 @pytest.mark.slow
@@ -121,6 +125,7 @@ def test_existing_runs_need_resume_with_the_same_settings(tmp_path, capsys):
     _assert_one_line_error(*_main(base, capsys), "--resume")  # would overwrite the run
     _assert_one_line_error(*_main([*base, "--resume", "--lr", "0.5"], capsys), "--lr")
     _assert_one_line_error(*_main([*base, "--resume", "--seed", "3"], capsys), "--seed")
+    _assert_one_line_error(*_main([*base, "--resume", "--weight-decay", "0.5"], capsys), "--weight-decay")
 
 
 @pytest.mark.slow

@@ -1,8 +1,9 @@
-"""The CLI under torchrun: DDP, recovery from a killed worker, and two "nodes" on one machine.
+"""The CLI under torchrun: DDP and FSDP2, recovery from a killed worker, and two "nodes" on one machine.
 
 Every run trains the nano GPT for a few steps on 2 ranks (gloo, CPU). The uninterrupted
 single-node run is the reference: a run that loses a worker and is restarted by torchrun, and a
-run spread over two torchrun agents, must both end with bitwise the same parameters.
+run spread over two torchrun agents, must both end with bitwise the same parameters. The same
+holds with ``--fsdp`` (sharded checkpoints written with torch.distributed.checkpoint).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ STEPS = 6
 TRAIN = ["-m", "course_lib", "train", "--preset", "nano", "--steps", str(STEPS), "--micro-batch", "2",
          "--checkpoint-every", "2", "--eval-every", "0", "--eval-batches", "1", "--device", "cpu",
          "--precision", "fp32", "--no-progress"]
-TIMEOUT_S = 150
+TIMEOUT_S = 300
 
 
 def _free_port() -> int:
@@ -84,9 +85,9 @@ def _run_at_once(commands: dict[str, tuple[list[str], Path, dict[str, str]]], lo
             for name, p in procs.items()}
 
 
-def _final_state(out: Path) -> dict[str, torch.Tensor]:
+def _final_state(out: Path, suffix: str = ".pt") -> dict[str, torch.Tensor]:
     ckpt = latest_checkpoint(out)
-    assert ckpt is not None and ckpt.name == f"ckpt_{STEPS:08d}.pt", f"no final checkpoint in {out}"
+    assert ckpt is not None and ckpt.name == f"ckpt_{STEPS:08d}{suffix}", f"no final checkpoint in {out}"
     return load_checkpoint(ckpt)["model"]
 
 
@@ -108,6 +109,7 @@ def runs(tmp_path_factory) -> dict[str, Run]:
     * ``reference``: one uninterrupted 2-process run on one node;
     * ``faulty``: the same, but rank 1 SIGKILLs itself when step 4 starts (the last checkpoint
       is step 2's) and torchrun may restart the workers once;
+    * ``fsdp_reference``/``fsdp_faulty``: the first two with ``--fsdp``;
     * ``node0``/``node1``: two torchrun agents, one worker each, meeting at a c10d rendezvous
       on 127.0.0.1. With c10d the agents agree on their order themselves (``--node-rank`` is for
       the static backend); ``is_host`` says which agent hosts the rendezvous store.
@@ -123,6 +125,9 @@ def runs(tmp_path_factory) -> dict[str, Run]:
         "faulty": (_torchrun(root / "faulty", *single, "--max-restarts=1"), root / "faulty", fault),
         "node0": (_torchrun(root / "two_nodes", *node, "--rdzv-conf=is_host=1"), root / "two_nodes", {}),
         "node1": (_torchrun(root / "two_nodes", *node, "--rdzv-conf=is_host=0"), root / "two_nodes", {}),
+        "fsdp_reference": (_torchrun(root / "fsdp_reference", *single) + ["--fsdp"], root / "fsdp_reference", {}),
+        "fsdp_faulty": (_torchrun(root / "fsdp_faulty", *single, "--max-restarts=1") + ["--fsdp"],
+                        root / "fsdp_faulty", fault),
     }
     return _run_at_once(commands, root)
 
@@ -165,3 +170,23 @@ def test_two_nodes_on_one_machine_match_the_single_node_run(runs):
     ranks = [[r for r in (0, 1) if f"rank {r} of 2 (local rank 0)" in text] for text in texts]
     assert sorted(ranks) == [[0], [1]], "\n----\n".join(texts)
     _assert_bitwise_equal(_final_state(runs["node0"].out), _final_state(runs["reference"].out))
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_fsdp_under_torchrun_trains_like_ddp_and_a_killed_worker_resumes_bitwise(runs):
+    text = runs["fsdp_faulty"].check()
+    runs["fsdp_reference"].check()
+    assert "exitcode: -9" in text, "the worker was not killed:\n" + text[-3000:]
+    assert "resuming from ckpt_00000002.dcp (step 2)" in text, text[-3000:]
+    reference = _final_state(runs["fsdp_reference"].out, ".dcp")
+    _assert_bitwise_equal(_final_state(runs["fsdp_faulty"].out, ".dcp"), reference)
+    assert _losses(runs["fsdp_faulty"].out) == _losses(runs["fsdp_reference"].out)
+    # FSDP2 and DDP train the same model on the same batches: equal up to float summation order
+    ddp = _losses(runs["reference"].out)
+    fsdp = _losses(runs["fsdp_reference"].out)
+    assert [s for s, _ in fsdp] == [s for s, _ in ddp]
+    assert [x for _, x in fsdp] == pytest.approx([x for _, x in ddp], rel=1e-5)
+    ddp_state = _final_state(runs["reference"].out)
+    for name, p in ddp_state.items():
+        torch.testing.assert_close(reference[name], p, rtol=1e-4, atol=1e-5, msg=name)

@@ -35,6 +35,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from course_lib.constants import IGNORE_INDEX
+from course_lib.device import synchronize
 from course_lib.model import GPT, lm_loss
 
 KINDS = ("naive", "gpipe", "1f1b")
@@ -298,8 +299,7 @@ def run_schedule(
     peak = 0
 
     def now() -> float:  # on a GPU, wait for the queued kernels: time the work, not its launch
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         return time.perf_counter()
 
     in_flight: list[Any] = []  # sends posted without a receive: waited for at the end

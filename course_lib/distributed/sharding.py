@@ -43,9 +43,9 @@ def shard_model(model: nn.Module, mesh: Any = None, reshard_after_forward: bool 
         reshard_after_forward: free the gathered weights after each block's forward (ZeRO-3,
             least memory) or keep them until the backward (ZeRO-2 like, one all-gather fewer).
     """
-    import torch.distributed as dist
+    from course_lib.distributed.launch import is_distributed
 
-    if not dist.is_available() or not dist.is_initialized():
+    if not is_distributed():
         raise RuntimeError(
             "shard_model needs an initialised process group: run inside "
             "course_lib.distributed.launch.spawn(...) or under torchrun"

@@ -35,13 +35,13 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from course_lib.distributed.launch import rank_device
+from course_lib.distributed.launch import is_distributed, rank_device
 
 ProcessGroup = Any  # torch.distributed.ProcessGroup (None means the default group)
 
 
 def _world_and_rank(group: ProcessGroup | None) -> tuple[int, int]:
-    if not dist.is_available() or not dist.is_initialized():
+    if not is_distributed():
         raise RuntimeError(
             "tensor parallel layers need an initialised process group: run inside "
             "course_lib.distributed.launch.spawn(...) or under torchrun"
