@@ -93,3 +93,21 @@ def test_optimizer_benchmark_times_three_adamw_variants_that_agree():
     for row in rows.values():
         assert 5e-4 < float(row[6]) < 2e-3  # the optimizer really stepped: Adam moves weights by ~lr
         assert float(row[7]) < 1e-5  # and all three variants computed the same update
+
+
+@pytest.mark.slow
+def test_throughput_compile_adds_paired_compiled_vs_eager_columns(tmp_path):
+    # aot_eager traces both training steps through dynamo and AOTAutograd without generating
+    # code, so this checks the --compile plumbing in seconds; inductor's speed is the notebook's
+    # (12_profiling_and_compile) and gpu_check.sh's business.
+    out = tmp_path / "t.json"
+    proc = run_benchmark("throughput.py", "--sizes", "nano", "--reps", "5", "--warmup", "2", "--compile",
+                         "--compile-backend", "aot_eager", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "+ compile (aot_eager)" in proc.stdout and "compiled/eager (95% CI)" in proc.stdout
+    data = json.loads(out.read_text())
+    assert data["compile"] == "aot_eager"
+    (row,) = data["rows"]
+    assert row["compile_low"] <= row["compile_speedup"] <= row["compile_high"]
+    assert row["eager_tok_s"] > 0 and row["compile_s"] > 0  # the first compiled step traced the graph
+    assert 0.2 < row["compile_speedup"] < 5  # the same maths, compiled or not
