@@ -3,7 +3,8 @@
 ``group_times`` sorts the events of a ``torch.profiler`` run into five kinds of work
 (:data:`GROUPS`): matrix multiplies, attention, elementwise and other memory-bound operators,
 the optimizer, and the data pipeline. An operator called inside ``optimizer.step`` or inside a
-``record_function("data")`` region belongs to that region whatever its name.
+``record_function("data")`` region belongs to that region whatever its name, and a helper
+operator inside a matmul or attention operator (an allocation, a transpose) to that operator.
 
 The roofline: an operator doing ``flops`` of arithmetic while moving ``bytes_moved`` to and from
 memory has arithmetic intensity ``flops / bytes_moved``; on a machine with peak ``P`` FLOP/s
@@ -24,16 +25,23 @@ import torch
 
 GROUPS: tuple[str, ...] = ("matmul", "attention", "elementwise", "optimizer", "data")
 
-_MATMUL = re.compile(r"^aten::(mm|addmm|bmm|baddbmm|matmul|linear|addmv|mv|dot|_scaled_mm)$|gemm", re.I)
-_ATTENTION = re.compile(r"scaled_dot_product|flash_attention|efficient_attention|cudnn_attention|attention", re.I)
+_MATMULS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "addmv", "mv", "dot", "_scaled_mm"}
+_ATTENTION = re.compile(r"scaled_?dot_?product|attention", re.I)
 _OPTIMIZER = re.compile(r"^Optimizer\.|_fused_adam|_foreach_", re.I)
 _DATA = re.compile(r"^data$|DataLoader", re.I)
+
+
+def _base_name(name: str) -> str:
+    """``aten::addmm`` -> ``addmm``; autograd's ``...evaluate_function: AddmmBackward0`` -> ``addmm``."""
+    base = name.rsplit(": ", 1)[-1].rsplit("::", 1)[-1]
+    return re.sub(r"_?backward\d*$", "", base, flags=re.I).lower()
 
 
 def op_group(name: str) -> str:
     """The kind of work an operator's name says it does, one of :data:`GROUPS`.
 
-    Everything that is not a matmul, attention, optimizer or data operator counts as
+    A backward operator (``MmBackward0``, ``aten::gelu_backward``) belongs with its forward
+    operator. Everything that is not a matmul, attention, optimizer or data operator counts as
     ``elementwise``: pointwise maths, normalisation, softmax and loss, copies and reductions --
     the memory-bound rest.
     """
@@ -43,20 +51,29 @@ def op_group(name: str) -> str:
         return "optimizer"
     if _ATTENTION.search(name):
         return "attention"
-    if _MATMUL.search(name):
+    base = _base_name(name)
+    if base in _MATMULS or "gemm" in base:
         return "matmul"
     return "elementwise"
 
 
 def event_group(event: Any) -> str:
-    """The group of a profiler ``FunctionEvent``: the innermost optimizer/data region around it, else its name's."""
+    """The group of a profiler ``FunctionEvent``, with the regions and operators around it.
+
+    Inside ``optimizer.step`` or the data region an event belongs to that region. An operator
+    that is elementwise by name (an ``aten::empty``, a transpose) but runs inside a matmul or
+    attention operator is that operator's work and belongs to its group.
+    """
+    own, inherited = op_group(event.name), None
     parent = event.cpu_parent
     while parent is not None:
         group = op_group(parent.name)
         if group in ("optimizer", "data"):
             return group
+        if inherited is None and group in ("matmul", "attention"):
+            inherited = group
         parent = parent.cpu_parent
-    return op_group(event.name)
+    return inherited if own == "elementwise" and inherited is not None else own
 
 
 def group_times(events: Iterable[Any], attr: str = "self_cpu_time_total") -> dict[str, float]:

@@ -33,7 +33,10 @@ from course_lib.training import TrainConfig, make_optimizer
     ("aten::_scaled_dot_product_efficient_attention_backward", "attention"),
     ("aten::gelu", "elementwise"), ("aten::native_layer_norm", "elementwise"),
     ("aten::_log_softmax_backward_data", "elementwise"), ("aten::copy_", "elementwise"),
-    ("aten::mm_backward_made_up", "elementwise"),  # only whole matmul names count as matmul
+    ("aten::mm_made_up", "elementwise"), ("aten::t", "elementwise"),  # only whole matmul names
+    ("autograd::engine::evaluate_function: AddmmBackward0", "matmul"), ("MmBackward0", "matmul"),
+    ("autograd::engine::evaluate_function: GeluBackward0", "elementwise"), ("TBackward0", "elementwise"),
+    ("ScaledDotProductFlashAttentionForCpuBackward0", "attention"),
     ("Optimizer.step#AdamW.step", "optimizer"), ("aten::_fused_adamw_", "optimizer"),
     ("aten::_foreach_mul_", "optimizer"), ("data", "data"),
     ("enumerate(DataLoader)#_SingleProcessDataLoaderIter.__next__", "data"),
@@ -55,6 +58,9 @@ def test_events_inside_the_optimizer_or_data_regions_belong_to_them():
     mm = FakeEvent("aten::mm", 300, mem=1000)
     free = FakeEvent("aten::gelu", 5, mem=-512)
     assert event_group(inner) == "optimizer" and event_group(copy) == "data"
+    attention = FakeEvent("aten::_scaled_dot_product_flash_attention_for_cpu", 40)
+    assert event_group(FakeEvent("aten::empty", 1, parent=attention)) == "attention"
+    assert event_group(FakeEvent("aten::mm", 1, parent=FakeEvent("aten::gelu", 0))) == "matmul"
     times = group_times([step, inner, data, copy, mm, free])
     assert list(times) == list(GROUPS)
     assert times == pytest.approx({"matmul": 300e-6, "attention": 0.0, "elementwise": 5e-6,
