@@ -5,7 +5,7 @@ every position; with it a new token is one position's forward pass (its key and 
 appended to each block's cache) and the head runs on the last position only. Both paths
 generate the same tokens (checked here: greedy decoding, equal outputs). They run alternately
 after warm-up, so a noisy neighbour slows both alike; the speed-up is the median of the paired
-ratios with a distribution-free 95% interval (``throughput.median_interval``).
+ratios with a distribution-free 95% interval (``course_lib.profiling.median_interval``).
 
     python benchmarks/generation.py                 # tiny and small presets on CPU (2-3 minutes on 2 busy cores)
     python benchmarks/generation.py --device cuda --sizes small,gpt2
@@ -23,8 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from throughput import DEFAULT_VOCAB  # noqa: E402
+
 from course_lib.model import GPT, PRESETS, GPTConfig  # noqa: E402
-from throughput import DEFAULT_VOCAB, median_interval  # noqa: E402
+from course_lib.profiling import median_interval  # noqa: E402
 
 
 def bench_size(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
@@ -50,7 +52,7 @@ def bench_size(name: str, args: argparse.Namespace, device: torch.device) -> dic
                 torch.cuda.synchronize(device)
             times[key].append(time.perf_counter() - t0)
     tokens = args.batch * new
-    paired = [u / c for c, u in zip(times["cached"], times["uncached"])]  # > 1: the cache is faster
+    paired = [u / c for c, u in zip(times["cached"], times["uncached"], strict=True)]  # > 1: the cache is faster
     low, high = median_interval(paired)
     return dict(prompt=prompt.size(1), new=new, cached=tokens / statistics.median(times["cached"]),
                 uncached=tokens / statistics.median(times["uncached"]),

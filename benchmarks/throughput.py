@@ -42,7 +42,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 from course_lib.model import GPT, PRESETS, GPTConfig  # noqa: E402
 from course_lib.monitoring import datasheet_peak_flops, measure_matmul_flops, mfu  # noqa: E402
-from course_lib.profiling import median_interval  # noqa: E402,F401 (tests and generation.py import it from here)
+from course_lib.profiling import median_interval  # noqa: E402 (tests import it from here too)
 
 # Batch (sequences) and vocabulary per size: small enough for a 2-core CPU at the small sizes.
 DEFAULT_BATCH = {"nano": 16, "tiny": 8, "small": 4, "gpt2": 16}
@@ -164,7 +164,7 @@ def bench_size(name: str, args: argparse.Namespace, device: torch.device,
         flops_per_token=ours.flops_per_token(T),
     )
     if args.compile:
-        ratio = [e / o for o, e in zip(times["ours"], times["eager"])]  # > 1: compiled faster
+        ratio = [e / o for o, e in zip(times["ours"], times["eager"], strict=True)]  # > 1: compiled faster
         low, high = median_interval(ratio)
         row = replace(row, eager_tok_s=tokens / statistics.median(times["eager"]),
                       compile_speedup=statistics.median(ratio), compile_low=low, compile_high=high,

@@ -314,7 +314,7 @@ class GPT(nn.Module):
                 else:  # first step, or the window slid: (re)build the cache from the window
                     caches, new = [LayerKVCache() for _ in self.blocks], input_ids[:, -bs:]
                 x = self.embed(new, start=caches[0].length)
-                for block, cache in zip(self.blocks, caches):
+                for block, cache in zip(self.blocks, caches, strict=True):
                     x = block(x, None, cache)
                 logits = self.head(x[:, -1, :])
             if temperature == 0:

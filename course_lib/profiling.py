@@ -203,6 +203,6 @@ def paired_speedup(slow: list[float], fast: list[float]) -> tuple[float, float, 
     """Median of the per-round ratios ``slow / fast`` and its 95% interval (> 1: ``fast`` is faster)."""
     if len(slow) != len(fast):
         raise ValueError(f"paired timings need equal lengths, got {len(slow)} and {len(fast)}")
-    ratios = [s / f for s, f in zip(slow, fast)]
+    ratios = [s / f for s, f in zip(slow, fast, strict=True)]
     low, high = median_interval(ratios)
     return statistics.median(ratios), low, high

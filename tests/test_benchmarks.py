@@ -111,3 +111,12 @@ def test_throughput_compile_adds_paired_compiled_vs_eager_columns(tmp_path):
     assert row["compile_low"] <= row["compile_speedup"] <= row["compile_high"]
     assert row["eager_tok_s"] > 0 and row["compile_s"] > 0  # the first compiled step traced the graph
     assert 0.2 < row["compile_speedup"] < 5  # the same maths, compiled or not
+
+
+@pytest.mark.slow
+def test_generation_benchmark_checks_equal_tokens_and_prints_the_speedup():
+    proc = run_benchmark("generation.py", "--sizes", "nano", "--reps", "3")
+    assert proc.returncode == 0, proc.stderr  # it exits non-zero if cached and uncached tokens differ
+    (row,) = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| nano")]
+    assert row[1].strip() == "16 + 16"  # half the 32-token context as prompt, half generated
+    assert float(row[4].split("x")[0]) > 0

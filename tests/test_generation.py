@@ -27,7 +27,7 @@ def cached_logits(model: GPT, ids: torch.Tensor, steps: list[int]) -> list[torch
     caches, out, start = [LayerKVCache() for _ in model.blocks], [], 0
     for n in steps:
         x = model.embed(ids[:, start:start + n], start=start)
-        for block, cache in zip(model.blocks, caches):
+        for block, cache in zip(model.blocks, caches, strict=True):
             x = block(x, None, cache)
         out.append(model.head(x))
         start += n
