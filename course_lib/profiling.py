@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
+from torch.autograd import DeviceType
 
 GROUPS: tuple[str, ...] = ("matmul", "attention", "elementwise", "optimizer", "data")
 
@@ -84,6 +85,8 @@ def group_times(events: Iterable[Any], attr: str = "self_cpu_time_total") -> dic
     """
     totals = dict.fromkeys(GROUPS, 0.0)
     for event in events:
+        if attr != "self_cpu_time_total" and getattr(event, "device_type", DeviceType.CPU) != DeviceType.CPU:
+            continue  # a device kernel's time is already in the self device time of the operator that launched it
         totals[event_group(event)] += getattr(event, attr) / 1e6  # the profiler counts microseconds
     return totals
 

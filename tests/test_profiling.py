@@ -69,6 +69,17 @@ def test_events_inside_the_optimizer_or_data_regions_belong_to_them():
                                                    "optimizer": 0, "data": 4096}
 
 
+def test_device_time_counts_each_kernel_once_through_the_operator_that_launched_it():
+    from torch.autograd import DeviceType
+
+    op = FakeEvent("aten::mm", 10)
+    op.self_device_time_total = 70.0  # the kernels this operator launched
+    kernel = FakeEvent("ampere_sgemm_128x64", 0)
+    kernel.device_type, kernel.self_device_time_total = DeviceType.CUDA, 70.0
+    assert group_times([op, kernel], "self_device_time_total")["matmul"] == pytest.approx(70e-6)
+    assert group_times([op, kernel])["matmul"] == pytest.approx(10e-6)
+
+
 def test_a_real_training_step_is_grouped_and_adds_up_to_the_profile_total():
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32))
