@@ -12,15 +12,21 @@ the matrix-multiply peak measured here (and, on CUDA, over the datasheet peak as
 peak is timed in the same alternating loop as the two models, best over the whole run, so a
 neighbour that is busy only while the peak is measured cannot push MFU above 100%.
 
+With ``--compile`` both models are compiled (``torch.compile``) and an eager copy of course_lib's
+model is timed in the same alternating loop: three more columns give its tokens/s, the compile
+speed-up (median paired eager/compiled step time, 95% interval) and the compile time (first
+compiled step less a steady one).
+
     python benchmarks/throughput.py                      # CPU table (about 2 minutes on 2 cores)
+    python benchmarks/throughput.py --compile --sizes tiny  # compiled vs eager on CPU (a few minutes)
     python benchmarks/throughput.py --device cuda --bf16 --compile --sizes gpt2
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
-import math
 import os
 import statistics
 import sys
@@ -36,6 +42,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 from course_lib.model import GPT, PRESETS, GPTConfig  # noqa: E402
 from course_lib.monitoring import datasheet_peak_flops, measure_matmul_flops, mfu  # noqa: E402
+from course_lib.profiling import median_interval  # noqa: E402 (tests import it from here too)
 
 # Batch (sequences) and vocabulary per size: small enough for a 2-core CPU at the small sizes.
 DEFAULT_BATCH = {"nano": 16, "tiny": 8, "small": 4, "gpt2": 16}
@@ -55,6 +62,11 @@ class Row:
     flops_per_token: int
     mfu_measured: float | None = None
     mfu_datasheet: float | None = None
+    eager_tok_s: float | None = None  # with --compile: course_lib eager, timed in the same loop
+    compile_speedup: float | None = None  # median paired eager/compiled step time, and its interval
+    compile_low: float | None = None
+    compile_high: float | None = None
+    compile_s: float | None = None  # first compiled step (tracing + code generation) less a steady one
 
     def with_mfu(self, peak: float, sheet_peak: float | None) -> Row:
         """This row with MFU against the measured peak (and the datasheet peak, if known)."""
@@ -62,28 +74,6 @@ class Row:
         return replace(
             self, mfu_measured=mfu(achieved, self.flops_per_token, peak),
             mfu_datasheet=None if sheet_peak is None else mfu(achieved, self.flops_per_token, sheet_peak))
-
-
-def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
-    """Distribution-free confidence interval for the median of ``values``.
-
-    The true median lies between the k-th smallest and the k-th largest value with probability
-    at least ``confidence``, where k is the largest rank with P(Binomial(n, 1/2) < k) <= alpha/2.
-    Needs no assumption about the shape of the timing distribution (timings are skewed).
-    """
-    n = len(values)
-    if n == 0:
-        raise ValueError("median_interval needs at least one value")
-    ordered = sorted(values)
-    tail, k = 0.0, 0
-    while k < n // 2:
-        tail += math.comb(n, k) / 2**n  # P(Binomial < k+1)
-        if tail > (1 - confidence) / 2:
-            break
-        k += 1
-    if k == 0:  # too few values for this confidence: the interval is the whole range
-        return ordered[0], ordered[-1]
-    return ordered[k - 1], ordered[n - k]
 
 
 def reference_model(config: GPTConfig) -> torch.nn.Module:
@@ -136,15 +126,23 @@ def bench_size(name: str, args: argparse.Namespace, device: torch.device,
         raise RuntimeError(f"{name}: models differ in size ({n_ours} vs {n_ref} parameters)")
     ids = torch.randint(0, vocab, (batch, T + 1), device=device)
     inputs, labels = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+    arms = [("ours", ours, False, args.compile), ("ref", ref, True, args.compile)]
+    if args.compile:  # an eager copy of course_lib's model too: the compile speed-up, paired
+        arms.append(("eager", copy.deepcopy(ours), False, False))
     steps = {}
-    for key, model, shift in (("ours", ours, False), ("ref", ref, True)):
+    for key, model, shift, compiled in arms:
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cuda", "cpu"))
-        m = torch.compile(model) if args.compile else model
+        m = torch.compile(model, backend=args.compile_backend) if compiled else model
         steps[key] = make_step(m, opt, inputs, labels, args.bf16, shift)
-    for _ in range(args.warmup):
-        for fn in steps.values():
+    warm: dict[str, list[float]] = {k: [] for k in steps}  # the first compiled call traces and generates code
+    for _ in range(max(args.warmup, 2 if args.compile else 0)):
+        for key, fn in steps.items():
+            sync(device)
+            t0 = time.perf_counter()
             fn()
+            sync(device)
+            warm[key].append(time.perf_counter() - t0)
     times: dict[str, list[float]] = {k: [] for k in steps}
     peak = 0.0
     for _ in range(args.reps):
@@ -165,6 +163,12 @@ def bench_size(name: str, args: argparse.Namespace, device: torch.device,
         ref_tok_s=ref_tok_s, ratio=statistics.median(paired), ratio_low=low, ratio_high=high,
         flops_per_token=ours.flops_per_token(T),
     )
+    if args.compile:
+        ratio = [e / o for o, e in zip(times["ours"], times["eager"], strict=True)]  # > 1: compiled faster
+        low, high = median_interval(ratio)
+        row = replace(row, eager_tok_s=tokens / statistics.median(times["eager"]),
+                      compile_speedup=statistics.median(ratio), compile_low=low, compile_high=high,
+                      compile_s=warm["ours"][0] - warm["ours"][-1])
     return row, peak
 
 
@@ -173,12 +177,18 @@ def format_table(rows: list[Row], peak: float, sheet_peak: float | None) -> str:
             f"MFU vs measured {peak / 1e12:.3g} TFLOP/s"]
     if sheet_peak is not None:
         head.append(f"MFU vs datasheet {sheet_peak / 1e12:.0f} TFLOP/s")
+    compiled = rows and rows[0].compile_speedup is not None
+    if compiled:
+        head += ["course_lib eager tok/s", "compiled/eager (95% CI)", "compile s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r.size, f"{r.params_m:.2f}M", str(r.tokens_per_step), f"{r.ours_tok_s:,.0f}",
                  f"{r.ref_tok_s:,.0f}", f"{r.ratio:.2f}x ({r.ratio_low:.2f}-{r.ratio_high:.2f})", f"{r.mfu_measured:.1%}"]
         if r.mfu_datasheet is not None:
             cells.append(f"{r.mfu_datasheet:.1%}")
+        if compiled:
+            cells += [f"{r.eager_tok_s:,.0f}", f"{r.compile_speedup:.2f}x ({r.compile_low:.2f}-{r.compile_high:.2f})",
+                      f"{r.compile_s:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -189,7 +199,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sizes", default=None,
                    help=f"comma-separated presets from {sorted(PRESETS)} (default: tiny,small on CPU, gpt2 on CUDA)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (fast on recent GPUs, slow on most CPUs)")
-    p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile both models, and time an eager copy of course_lib's model alongside "
+                        "(compile speed-up, paired, and compile time)")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend (default inductor; aot_eager traces without generating code, "
+                        "to test the plumbing fast)")
     p.add_argument("--batch", type=int, default=None, help="sequences per step (default per size)")
     p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default per size)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
@@ -225,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     precision = "bf16" if args.bf16 else "fp32"
     sheet_peak = datasheet_peak_flops(device, precision)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__} on {where}; {precision}{' + compile' if args.compile else ''}; "
+    compiled = f" + compile ({args.compile_backend})" if args.compile else ""
+    print(f"torch {torch.__version__} on {where}; {precision}{compiled}; "
           f"median of {args.reps} steps after {args.warmup} warm-up")
     rows, peak = [], 0.0
     for name in args.size_names:
@@ -238,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
-            "torch": torch.__version__, "device": where, "precision": precision, "compile": args.compile,
+            "torch": torch.__version__, "device": where, "precision": precision, "compile": args.compile and args.compile_backend,
             "measured_peak_flops": peak, "datasheet_peak_flops": sheet_peak,
             "rows": [asdict(r) for r in rows]}, indent=2))
     if args.min_ratio is not None:

@@ -85,6 +85,29 @@ class GPTOutput:
     loss: torch.Tensor | None = None
 
 
+class LayerKVCache:
+    """One layer's keys and values of the positions generated so far, (B, heads, length, hd).
+
+    :meth:`GPT.generate` keeps one per block, so each new token computes its own key and value
+    once and attends over the stored ones instead of recomputing the whole prefix.
+    """
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        """Number of positions stored."""
+        return 0 if self.k is None else self.k.size(2)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new positions' keys and values; return all keys and values so far."""
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with separate q/k/v/o projections."""
 
@@ -98,7 +121,10 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, cache: LayerKVCache | None = None
+    ) -> torch.Tensor:
+        """Attend over ``x``; with a ``cache`` (generation, no padding mask) also over its positions."""
         B, T, _ = x.shape
         # (B, T, heads*hd) -> (B, heads, T, hd). The head count is read from the projection's
         # output, so a tensor-parallel shard holding a subset of heads runs this code unchanged.
@@ -106,11 +132,17 @@ class CausalSelfAttention(nn.Module):
             proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
             for proj in (self.q_proj, self.k_proj, self.v_proj)
         )
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.append(k, v)
+            if past and T > 1:  # queries sit at positions past..past+T-1: a shifted causal mask
+                attn_mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
         y = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=attn_mask,
             dropout_p=self.dropout if self.training else 0.0,
-            is_causal=attn_mask is None,
+            is_causal=attn_mask is None and past == 0,  # one new query sees every cached key
         )
         return self.resid_dropout(self.o_proj(y.transpose(1, 2).reshape(B, T, -1)))
 
@@ -139,8 +171,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), attn_mask)
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, cache: LayerKVCache | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), attn_mask, cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -180,15 +214,18 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token plus position embeddings (the first pipeline stage's work)."""
-        T = input_ids.size(1)
+    def embed(self, input_ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Token plus position embeddings (the first pipeline stage's work).
+
+        ``start`` is the position of the first token (non-zero when a KV cache holds the prefix).
+        """
+        T = start + input_ids.size(1)
         if T > self.config.block_size:
             raise ValueError(
                 f"sequence length {T} exceeds block_size={self.config.block_size}; "
                 "truncate the input or build the model with a larger block_size"
             )
-        pos = torch.arange(T, device=input_ids.device)
+        pos = torch.arange(start, T, device=input_ids.device)
         return self.drop(self.wte(input_ids) + self.wpe(pos))
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
@@ -260,11 +297,33 @@ class GPT(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        use_cache: bool = True,
     ) -> torch.Tensor:
-        """Sample ``max_new_tokens`` tokens; ``temperature=0`` means greedy decoding."""
+        """Sample ``max_new_tokens`` tokens; ``temperature=0`` means greedy decoding.
+
+        With ``use_cache`` (the default) each block keeps the keys and values of the positions
+        seen (:class:`LayerKVCache`), so a new token costs one position's forward pass, and the
+        head runs on the last position only. ``use_cache=False`` recomputes the whole context for
+        every token (the reference the tests compare against). Both see at most the last
+        ``block_size`` tokens: once the sequence is longer the window slides, every position
+        shifts (learned position embeddings) and no cached key stays valid, so the cache is
+        rebuilt from the window at each step -- the same outputs, at the uncached speed.
+        """
+        bs = self.config.block_size
+        caches: list[LayerKVCache] = []
         for _ in range(max_new_tokens):
-            context = input_ids[:, -self.config.block_size:]
-            logits = self(context).logits[:, -1, :]
+            n = input_ids.size(1)
+            if not use_cache:
+                logits = self(input_ids[:, -bs:]).logits[:, -1, :]
+            else:
+                if caches and caches[0].length == n - 1 and n <= bs:
+                    new = input_ids[:, -1:]  # the cache holds every earlier position
+                else:  # first step, or the window slid: (re)build the cache from the window
+                    caches, new = [LayerKVCache() for _ in self.blocks], input_ids[:, -bs:]
+                x = self.embed(new, start=caches[0].length)
+                for block, cache in zip(self.blocks, caches, strict=True):
+                    x = block(x, None, cache)
+                logits = self.head(x[:, -1, :])
             if temperature == 0:
                 next_id = logits.argmax(dim=-1, keepdim=True)
             else:

@@ -109,3 +109,30 @@ def test_gpu_check_dry_run_runs_every_step_on_cpu(tmp_path):
     assert "distributed-nccl: skipped (" in summary  # no GPUs: said so, not silently passed
     cli = (tmp_path / "cli-train.txt").read_text()
     assert "tokens/s" in cli and "of the measured fp32 matmul peak" in cli and "datasheet" in cli
+
+
+@pytest.mark.slow
+def test_throughput_compile_adds_paired_compiled_vs_eager_columns(tmp_path):
+    # aot_eager traces both training steps through dynamo and AOTAutograd without generating
+    # code, so this checks the --compile plumbing in seconds; inductor's speed is the notebook's
+    # (12_profiling_and_compile) and gpu_check.sh's business.
+    out = tmp_path / "t.json"
+    proc = run_benchmark("throughput.py", "--sizes", "nano", "--reps", "5", "--warmup", "2", "--compile",
+                         "--compile-backend", "aot_eager", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "+ compile (aot_eager)" in proc.stdout and "compiled/eager (95% CI)" in proc.stdout
+    data = json.loads(out.read_text())
+    assert data["compile"] == "aot_eager"
+    (row,) = data["rows"]
+    assert row["compile_low"] <= row["compile_speedup"] <= row["compile_high"]
+    assert row["eager_tok_s"] > 0 and row["compile_s"] > 0  # the first compiled step traced the graph
+    assert 0.2 < row["compile_speedup"] < 5  # the same maths, compiled or not
+
+
+@pytest.mark.slow
+def test_generation_benchmark_checks_equal_tokens_and_prints_the_speedup():
+    proc = run_benchmark("generation.py", "--sizes", "nano", "--reps", "3")
+    assert proc.returncode == 0, proc.stderr  # it exits non-zero if cached and uncached tokens differ
+    (row,) = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| nano")]
+    assert row[1].strip() == "16 + 16"  # half the 32-token context as prompt, half generated
+    assert float(row[4].split("x")[0]) > 0
