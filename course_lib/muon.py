@@ -43,58 +43,88 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients: tuple[float, fl
 
 
 class Muon(torch.optim.Optimizer):
-    """SGD-momentum with orthogonalised updates, for 2-D parameters only.
+    """Muon for the hidden matrices and AdamW for everything else, in one optimizer.
 
+    Parameter groups with ``use_muon=True`` (2-D only) get
     ``p <- p * (1 - lr * weight_decay) - lr * scale * NS(nesterov momentum)``, where
-    ``scale = max(1, rows / cols) ** 0.5`` keeps the update's RMS similar across shapes.
+    ``scale = max(1, rows / cols) ** 0.5`` keeps the update's RMS similar across shapes. Other
+    groups get the AdamW update (``betas``, ``eps``, decoupled ``weight_decay``), equal to
+    ``torch.optim.AdamW``'s. Build the groups with :func:`muon_param_groups`. Being one
+    ``Optimizer``, it works with learning-rate schedulers and checkpoints like any other.
     """
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
-                 weight_decay: float = 0.0, ns_steps: int = 5) -> None:
+                 weight_decay: float = 0.0, ns_steps: int = 5, betas: tuple[float, float] = (0.9, 0.95),
+                 eps: float = 1e-8) -> None:
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}")
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov,
-                                      weight_decay=weight_decay, ns_steps=ns_steps))
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                                      ns_steps=ns_steps, betas=betas, eps=eps, use_muon=True))
         for group in self.param_groups:
             for p in group["params"]:
-                if p.dim() != 2:
+                if group["use_muon"] and p.dim() != 2:
                     raise ValueError(
                         f"Muon updates 2-D weight matrices only, got a parameter of shape {tuple(p.shape)}: "
-                        "give embeddings, biases and norms to AdamW (see muon_param_groups)"
+                        "put embeddings, biases and norms in a group with use_muon=False (see muon_param_groups)"
                     )
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001 - torch.optim's signature
         loss = None if closure is None else closure()
         for group in self.param_groups:
+            update = self._muon_update if group["use_muon"] else self._adamw_update
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                buf = state.setdefault("momentum_buffer", torch.zeros_like(p))
-                buf.mul_(group["momentum"]).add_(p.grad)
-                update = p.grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
-                update = newton_schulz(update, group["ns_steps"])
-                scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update, alpha=-group["lr"] * scale)
+                if p.grad is not None:
+                    update(p, group, self.state[p])
         return loss
 
+    @staticmethod
+    def _muon_update(p: torch.Tensor, group: dict, state: dict) -> None:
+        buf = state.setdefault("momentum_buffer", torch.zeros_like(p))
+        buf.mul_(group["momentum"]).add_(p.grad)
+        direction = p.grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+        scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
+        p.mul_(1 - group["lr"] * group["weight_decay"])
+        p.add_(newton_schulz(direction, group["ns_steps"]), alpha=-group["lr"] * scale)
 
-def muon_param_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """Split trainable parameters into (Muon's hidden matrices, AdamW's everything else).
+    @staticmethod
+    def _adamw_update(p: torch.Tensor, group: dict, state: dict) -> None:
+        beta1, beta2 = group["betas"]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        state["step"] += 1
+        t = state["step"]
+        state["exp_avg"].lerp_(p.grad, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+        denom = (state["exp_avg_sq"] / (1 - beta2**t)).sqrt_().add_(group["eps"])
+        p.mul_(1 - group["lr"] * group["weight_decay"])
+        p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1**t))
 
-    Embeddings and the output head are 2-D but are not hidden layers (Muon's authors keep them
-    on AdamW); so are biases and norm gains.
+
+def muon_param_groups(model: nn.Module, lr: float = 0.02, adam_lr: float = 3e-3,
+                      weight_decay: float = 0.0) -> list[dict]:
+    """Groups for :class:`Muon`: hidden 2-D matrices on Muon, everything else on AdamW.
+
+    Embeddings and the (tied) output head are 2-D but are not hidden layers: Muon's authors keep
+    them on AdamW, as they do biases and norm gains (which are never decayed).
     """
-    hidden, other = [], []
+    hidden, embeddings, vectors = [], [], []
     seen: set[int] = set()
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        is_embedding = name.startswith(("wte", "wpe", "lm_head"))
-        (hidden if p.dim() == 2 and not is_embedding else other).append(p)
-    return hidden, other
+        if p.dim() == 2 and not name.startswith(("wte", "wpe", "lm_head")):
+            hidden.append(p)
+        else:
+            (embeddings if p.dim() >= 2 else vectors).append(p)
+    groups = [
+        {"params": hidden, "lr": lr, "use_muon": True, "weight_decay": weight_decay},
+        {"params": embeddings, "lr": adam_lr, "use_muon": False, "weight_decay": weight_decay},
+        {"params": vectors, "lr": adam_lr, "use_muon": False, "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]

@@ -40,7 +40,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -366,6 +366,8 @@ def train(
     device: torch.device | str | None = None,
     resume: bool | str | os.PathLike = False,
     extra_state: Mapping[str, Any] | None = None,
+    optimizer: torch.optim.Optimizer | Callable[[nn.Module], torch.optim.Optimizer] | None = None,
+    scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``batches`` following ``config``; see the module docstring.
 
@@ -384,6 +386,12 @@ def train(
             continue from that checkpoint; ``False`` = fresh run.
         extra_state: plain data stored in every checkpoint under ``"extra"`` (e.g. the model
             config, so the checkpoint can rebuild its model).
+        optimizer: an optimizer over the model's parameters, or a function ``model -> optimizer``
+            (muP groups, Muon); default :func:`make_optimizer` from ``config``. The schedule
+            multiplies every group's own learning rate.
+        scheduler: a function ``optimizer -> LR scheduler`` (e.g. a
+            :func:`course_lib.schedulers.warmup_stable_decay`); default warmup + cosine from
+            ``config``. It must have ``state_dict`` / ``load_state_dict`` for checkpoints.
 
     Returns:
         A :class:`TrainResult` with the logged history.
@@ -398,8 +406,12 @@ def train(
                          "wrap it in list(...)")
     loggers = list(loggers or []) if group.rank == 0 else []
 
-    optimizer = make_optimizer(model, config, device)
-    scheduler = warmup_cosine(optimizer, config.warmup_steps, config.steps, config.min_lr_ratio)
+    if optimizer is None:
+        optimizer = make_optimizer(model, config, device)
+    elif not isinstance(optimizer, torch.optim.Optimizer):
+        optimizer = optimizer(model)
+    scheduler = (warmup_cosine(optimizer, config.warmup_steps, config.steps, config.min_lr_ratio)
+                 if scheduler is None else scheduler(optimizer))
     scaler = make_grad_scaler(device, config.precision)
     result = TrainResult()
 

@@ -49,11 +49,42 @@ def test_muon_step_equals_the_formula():
     torch.testing.assert_close(w.detach(), expected)
 
 
+def test_the_adamw_groups_equal_torch_adamw():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=30, block_size=8, n_layer=2, n_head=2, n_embd=16)).double()
+    reference = GPT(GPTConfig(vocab_size=30, block_size=8, n_layer=2, n_head=2, n_embd=16)).double()
+    reference.load_state_dict(model.state_dict())
+    groups = muon_param_groups(model, lr=0.02, adam_lr=3e-3, weight_decay=0.1)
+    opt = Muon(groups)
+    adam_names = {n for n, p in model.named_parameters()
+                  if not any(p is q for g in groups if g["use_muon"] for q in g["params"])}
+    ref_params = dict(reference.named_parameters())
+    ref_opt = torch.optim.AdamW([
+        {"params": [ref_params[n] for n in sorted(adam_names) if ref_params[n].dim() >= 2], "weight_decay": 0.1},
+        {"params": [ref_params[n] for n in sorted(adam_names) if ref_params[n].dim() < 2], "weight_decay": 0.0},
+    ], lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
+    ids = torch.randint(0, 30, (4, 8))
+    for _ in range(3):
+        for m, o in ((model, opt), (reference, ref_opt)):
+            o.zero_grad()
+            m(ids, labels=ids.roll(-1, 1)).loss.backward()
+            o.step()
+        # the reference leaves the hidden matrices alone: copy Muon's so both see the same model
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n not in adam_names:
+                    ref_params[n].copy_(p)
+    for n in adam_names:
+        torch.testing.assert_close(dict(model.named_parameters())[n], ref_params[n], rtol=1e-10, atol=1e-12)
+
+
 def test_muon_refuses_vectors_and_param_groups_split_the_gpt():
-    with pytest.raises(ValueError, match="AdamW"):
+    with pytest.raises(ValueError, match="use_muon=False"):
         Muon([torch.nn.Parameter(torch.zeros(4))])
     model = GPT(GPTConfig(vocab_size=30, block_size=8, n_layer=2, n_head=2, n_embd=16))
-    hidden, other = muon_param_groups(model)
-    assert all(p.dim() == 2 for p in hidden) and len(hidden) == 2 * 6
-    assert any(p is model.wte.weight for p in other)
-    assert len(hidden) + len(other) == len(list(model.parameters()))
+    groups = muon_param_groups(model)
+    hidden = groups[0]["params"]
+    assert groups[0]["use_muon"] and all(p.dim() == 2 for p in hidden) and len(hidden) == 2 * 6
+    assert any(p is model.wte.weight for g in groups[1:] for p in g["params"])
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    assert groups[-1]["weight_decay"] == 0.0
