@@ -16,8 +16,8 @@ import torch
 from course_lib.checkpoint import checkpoint_path, load_checkpoint
 from course_lib.data import RandomWindowBatches, encode_corpus
 from course_lib.model import GPT, GPTConfig
-from course_lib.mup import mup_param_groups
 from course_lib.muon import Muon, muon_param_groups
+from course_lib.mup import mup_param_groups
 from course_lib.schedulers import warmup_stable_decay
 from course_lib.training import TrainConfig, make_optimizer, train
 
