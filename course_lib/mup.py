@@ -77,12 +77,15 @@ def coordinate_check(
     batches: Sequence[dict[str, torch.Tensor]],
     lr: float,
     seeds: Sequence[int] = (0,),
+    per_layer_lr: bool = True,
 ) -> dict[str, np.ndarray]:
     """Activation sizes after training ``len(batches)`` Adam steps, per width.
 
     ``make_config(width)`` builds the model at each width (muP or not); the optimizer follows
-    :func:`mup_param_groups`. Returns ``{layer name: array of mean |x| per width}`` averaged over
-    ``seeds``. Feed it to :func:`width_slopes`.
+    :func:`mup_param_groups`, or uses one learning rate for every parameter when
+    ``per_layer_lr=False`` (the classic mistake: muP's model half without its optimizer half).
+    Returns ``{layer name: array of mean |x| per width}`` averaged over ``seeds``. Feed it to
+    :func:`width_slopes`.
     """
     out: dict[str, list[float]] = {}
     for width in widths:
@@ -90,7 +93,8 @@ def coordinate_check(
         for seed in seeds:
             torch.manual_seed(seed)
             model = GPT(make_config(width))
-            opt = torch.optim.AdamW(mup_param_groups(model, lr), lr=lr, betas=(0.9, 0.95))
+            groups = mup_param_groups(model, lr) if per_layer_lr else model.parameters()
+            opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
             for batch in batches:
                 loss = model(batch["input_ids"], labels=batch["labels"]).loss
                 opt.zero_grad(set_to_none=True)

@@ -54,3 +54,11 @@ def test_coordinate_check_fails_for_standard_and_passes_for_mup():
     assert not passes_coordinate_check(sp)
     assert sp["block 1"] > 1.0  # hidden activations blow up with width under SP
     assert passes_coordinate_check(mup), mup
+
+
+@pytest.mark.slow
+def test_the_muP_model_without_its_per_layer_learning_rates_fails_the_check():
+    sizes = coordinate_check(lambda w: _config(w, base=32), WIDTHS, _batches(), lr=1e-2, per_layer_lr=False)
+    slopes = width_slopes(WIDTHS, sizes)
+    assert not passes_coordinate_check(slopes)
+    assert slopes["block 1"] > 1.0
