@@ -339,7 +339,9 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean",
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    flat_logits = logits.reshape(-1, logits.size(-1)).float()
+    flat_logits = logits.reshape(-1, logits.size(-1))
+    if flat_logits.dtype in (torch.float16, torch.bfloat16):
+        flat_logits = flat_logits.float()  # low-precision logits: the softmax in float32 (float64 stays float64)
     flat_labels = labels.reshape(-1)
     loss = F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX, reduction=reduction)
     if z_loss:

@@ -105,3 +105,10 @@ def test_the_memory_estimate_refuses_options_it_does_not_model():
 
     with pytest.raises(ValueError, match="qk_norm.*saved_activation_bytes"):
         estimate_training_memory(GPTConfig(**BASE, qk_norm=True), batch_size=2)
+
+
+def test_a_float64_model_computes_its_loss_in_float64():
+    ids, labels = _batch()
+    model = _model().double()
+    loss = model(ids, labels=labels).loss
+    assert loss.dtype == torch.float64
