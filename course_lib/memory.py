@@ -277,6 +277,13 @@ def estimate_training_memory(
         raise ValueError(f"seq_len={T} exceeds block_size={config.block_size}")
     if batch_size < 1 or T < 1:
         raise ValueError(f"batch_size and seq_len must be positive, got {batch_size}, {T}")
+    extras = [name for name, off in (("qk_norm", False), ("z_loss", 0.0), ("logit_softcap", None),
+                                     ("mup_base_width", None)) if getattr(config, name, off) != off]
+    if extras:
+        raise ValueError(
+            f"the estimate models the default GPT; {', '.join(extras)} change(s) what autograd saves. "
+            "Measure those models with saved_activation_bytes instead"
+        )
     every = int(checkpointing) if not isinstance(checkpointing, bool) else (1 if checkpointing else 0)
     if every < 0:
         raise ValueError(f"checkpointing must be False, True or a positive block stride, got {checkpointing}")

@@ -40,6 +40,18 @@ class GPTConfig:
         n_embd: model width.
         dropout: dropout probability on attention weights and residual branches.
         bias: whether linear and LayerNorm layers carry a bias.
+        qk_norm: LayerNorm each head's queries and keys before the dot product (bounds the
+            attention logits; OLMo 2, Gemma 3).
+        z_loss: coefficient of the z-loss ``mean(logsumexp(logits)**2)`` added to the training
+            loss (keeps the softmax normaliser near 1; PaLM uses 1e-4). 0 = off.
+        logit_softcap: cap the output logits smoothly at +-cap with ``cap * tanh(logits / cap)``
+            (Gemma 2 uses 30). ``None`` = off.
+        mup_base_width: turn on muP (maximal update parametrisation) relative to a base model of
+            this width: attention scores scaled by 1/head_dim (not 1/sqrt), output logits
+            multiplied by ``base / n_embd``, hidden matrices initialised with variance
+            proportional to 1/width. Pair it with ``course_lib.mup.mup_param_groups`` for the
+            per-layer Adam learning rates. At ``n_embd == mup_base_width`` the model equals the
+            standard one. ``None`` = standard parametrisation.
     """
 
     vocab_size: int = 256
@@ -49,6 +61,10 @@ class GPTConfig:
     n_embd: int = 128
     dropout: float = 0.0
     bias: bool = True
+    qk_norm: bool = False
+    z_loss: float = 0.0
+    logit_softcap: float | None = None
+    mup_base_width: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -64,6 +80,22 @@ class GPTConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.z_loss < 0:
+            raise ValueError(f"z_loss is a coefficient >= 0 (1e-4 is typical), got {self.z_loss}")
+        if self.logit_softcap is not None and not self.logit_softcap > 0:
+            raise ValueError(f"logit_softcap must be positive (e.g. 30.0) or None, got {self.logit_softcap}")
+        if self.mup_base_width is not None:
+            base = self.mup_base_width
+            if not isinstance(base, int) or base < self.n_head or base % self.n_head:
+                raise ValueError(
+                    f"mup_base_width={base!r} must be a positive width divisible by n_head={self.n_head} "
+                    "(the width of the small model whose hyperparameters you tuned), or None"
+                )
+
+    @property
+    def width_mult(self) -> float:
+        """``n_embd / mup_base_width`` under muP, 1.0 otherwise."""
+        return 1.0 if self.mup_base_width is None else self.n_embd / self.mup_base_width
 
     @classmethod
     def from_preset(cls, name: str, vocab_size: int, **overrides: Any) -> GPTConfig:
@@ -120,6 +152,14 @@ class CausalSelfAttention(nn.Module):
         self.o_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
+        # One norm shared by all heads, so a tensor-parallel shard of the heads needs no change.
+        self.q_norm = nn.LayerNorm(self.head_dim, bias=config.bias) if config.qk_norm else None
+        self.k_norm = nn.LayerNorm(self.head_dim, bias=config.bias) if config.qk_norm else None
+        # muP scales scores by 1/d (not 1/sqrt(d)); sqrt(d_base)/d equals SP's 1/sqrt(d) at the base width.
+        self.scale = None
+        if config.mup_base_width is not None:
+            base_head_dim = config.mup_base_width // config.n_head
+            self.scale = math.sqrt(base_head_dim) / self.head_dim
 
     def forward(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, cache: LayerKVCache | None = None
@@ -132,6 +172,8 @@ class CausalSelfAttention(nn.Module):
             proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
             for proj in (self.q_proj, self.k_proj, self.v_proj)
         )
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         past = 0
         if cache is not None:
             past = cache.length
@@ -143,6 +185,7 @@ class CausalSelfAttention(nn.Module):
             attn_mask=attn_mask,
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=attn_mask is None and past == 0,  # one new query sees every cached key
+            scale=self.scale,
         )
         return self.resid_dropout(self.o_proj(y.transpose(1, 2).reshape(B, T, -1)))
 
@@ -204,6 +247,13 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith(("o_proj.weight", "fc_out.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.mup_base_width is not None:
+            # muP: hidden matrices' variance shrinks as 1/width (embeddings keep theirs).
+            shrink = 1.0 / math.sqrt(config.width_mult)
+            for name, p in self.named_parameters():
+                if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight",
+                                  "fc_in.weight", "fc_out.weight")):
+                    p.data.mul_(shrink)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -229,8 +279,16 @@ class GPT(nn.Module):
         return self.drop(self.wte(input_ids) + self.wpe(pos))
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        """Final LayerNorm and tied output projection (the last pipeline stage's work)."""
-        return self.lm_head(self.ln_f(x))
+        """Final LayerNorm and tied output projection (the last pipeline stage's work).
+
+        Under muP the logits are multiplied by ``1 / width_mult``; with ``logit_softcap`` they
+        are squashed into (-cap, cap).
+        """
+        logits = self.lm_head(self.ln_f(x))
+        if self.config.mup_base_width is not None:
+            logits = logits / self.config.width_mult
+        cap = self.config.logit_softcap
+        return logits if cap is None else cap * torch.tanh(logits / cap)
 
     def forward(
         self,
@@ -263,7 +321,7 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x, mask)
         logits = self.head(x)
-        loss = None if labels is None else lm_loss(logits, labels, reduction)
+        loss = None if labels is None else lm_loss(logits, labels, reduction, z_loss=self.config.z_loss)
         return GPTOutput(logits=logits, loss=loss)
 
     def num_params(self, non_embedding: bool = False) -> int:
@@ -343,20 +401,28 @@ def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
                       and a.device == b.device and a.numel() > 0)
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy over positions whose label is not -100.
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean", z_loss: float = 0.0) -> torch.Tensor:
+    """Cross-entropy over positions whose label is not -100, plus an optional z-loss.
 
     ``F.cross_entropy`` wants classes in dimension 1, so (B, T, V) logits are flattened to
     (B*T, V) first; passing them unflattened is a classic bug (it treats T as the class axis).
+    With ``z_loss > 0`` each scored position adds ``z_loss * logsumexp(logits)**2`` (same
+    reduction), which pulls the softmax normaliser towards 1 and the logits away from drift.
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    return F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(),
-        labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction=reduction,
-    )
+    flat_logits = logits.reshape(-1, logits.size(-1))
+    if flat_logits.dtype in (torch.float16, torch.bfloat16):
+        flat_logits = flat_logits.float()  # low-precision logits: the softmax in float32 (float64 stays float64)
+    flat_labels = labels.reshape(-1)
+    loss = F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX, reduction=reduction)
+    if z_loss:
+        scored = flat_labels != IGNORE_INDEX
+        z = flat_logits[scored].logsumexp(dim=-1).square().sum()
+        if reduction == "mean":
+            z = z / scored.sum().clamp(min=1)
+        loss = loss + z_loss * z
+    return loss
 
 
 def padding_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -377,6 +443,8 @@ def closed_form_num_params(config: GPTConfig) -> int:
     d, L, V, T = config.n_embd, config.n_layer, config.vocab_size, config.block_size
     b = 1 if config.bias else 0
     ln = 2 * d if config.bias else d
-    attn = 4 * (d * d + b * d)
+    head_dim = d // config.n_head
+    qk_norms = 2 * (2 * head_dim if config.bias else head_dim) if config.qk_norm else 0
+    attn = 4 * (d * d + b * d) + qk_norms
     mlp = d * 4 * d + b * 4 * d + 4 * d * d + b * d
     return V * d + T * d + L * (2 * ln + attn + mlp) + ln

@@ -407,6 +407,7 @@ def train(
     resume: bool | str | os.PathLike = False,
     extra_state: Mapping[str, Any] | None = None,
     optimizer: OptimizerArg = None,
+    scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
     compile: bool | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``batches`` following ``config``; see the module docstring.
@@ -430,7 +431,11 @@ def train(
         extra_state: plain data stored in every checkpoint under ``"extra"`` (e.g. the model
             config, so the checkpoint can rebuild its model).
         optimizer: an optimizer over ``model``'s parameters, or a function ``model ->
-            optimizer`` (muP parameter groups, Muon...); default :func:`make_optimizer`.
+            optimizer`` (muP parameter groups, Muon...); default :func:`make_optimizer`. The
+            schedule multiplies every group's own learning rate.
+        scheduler: a function ``optimizer -> LR scheduler`` (e.g. a
+            :func:`course_lib.schedulers.warmup_stable_decay`); default warmup + cosine from
+            ``config``. It must have ``state_dict`` / ``load_state_dict`` for checkpoints.
         compile: compile the model once before training (default ``config.compile``).
 
     Returns:
@@ -453,7 +458,8 @@ def train(
     optim = _build_optimizer(optimizer, model, config, device)
     state = TrainState(
         model=model, optimizer=optim,
-        scheduler=warmup_cosine(optim, config.warmup_steps, config.steps, config.min_lr_ratio),
+        scheduler=(warmup_cosine(optim, config.warmup_steps, config.steps, config.min_lr_ratio)
+                   if scheduler is None else scheduler(optim)),
         scaler=make_grad_scaler(device, config.precision),
         data=DataPosition(batches, device, resumable_required=config.out_dir is not None),
         parallel=parallel,

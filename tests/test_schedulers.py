@@ -122,3 +122,36 @@ def test_schedule_explorer_numbers_come_from_lr_at():
     warmup_slider = box.children[0].children[0]
     warmup_slider.value = 0  # warmup 0 is allowed: the first step is already the peak
     assert "first step (0)<br><b>0.002</b>" in result.value
+
+
+def test_wsd_warms_up_holds_then_decays_linearly_to_the_floor():
+    from course_lib.schedulers import wsd_lr_at
+
+    lrs = [wsd_lr_at(s, base_lr=1.0, warmup_steps=4, decay_start=10, decay_steps=5, min_lr_ratio=0.1)
+           for s in range(20)]
+    assert lrs[:4] == pytest.approx([0.0, 0.25, 0.5, 0.75])
+    assert lrs[4:11] == pytest.approx([1.0] * 7)
+    assert lrs[11:16] == pytest.approx([1 - 0.9 * k / 5 for k in range(1, 6)])
+    assert lrs[16:] == pytest.approx([0.1] * 4)
+
+
+def test_wsd_branch_from_a_checkpoint_resumes_on_the_same_curve():
+    from course_lib.schedulers import warmup_stable_decay, wsd_lr_at
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+    sched = warmup_stable_decay(opt, warmup_steps=2, decay_start=6, decay_steps=4)
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    state = sched.state_dict()
+    opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+    sched2 = warmup_stable_decay(opt2, warmup_steps=2, decay_start=6, decay_steps=4)
+    opt2.load_state_dict(opt.state_dict())  # the optimizer carries the current lr, the scheduler the step
+    sched2.load_state_dict(state)
+    for step in range(5, 12):
+        assert opt2.param_groups[0]["lr"] == pytest.approx(
+            wsd_lr_at(step, base_lr=0.5, warmup_steps=2, decay_start=6, decay_steps=4))
+        opt2.step()
+        sched2.step()
+    with pytest.raises(ValueError, match="decay_start"):
+        wsd_lr_at(0, base_lr=1.0, warmup_steps=5, decay_start=3, decay_steps=2)
