@@ -291,7 +291,7 @@ class LayerNormsOnJump:
                 groups.setdefault(self._groups[name], []).append(square)
             names = sorted(groups)
             values = torch.stack([torch.stack(groups[g]).sum().sqrt() for g in names]).tolist()  # one sync
-            self.records[int(step)] = {f"grad_norm/{g}": v for g, v in zip(names, values)}
+            self.records[int(step)] = {f"grad_norm/{g}": v for g, v in zip(names, values, strict=True)}
         self._history.append(float(norm))
 
     def close(self) -> None:

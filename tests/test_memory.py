@@ -177,7 +177,11 @@ def test_lora_estimate_against_measurement(targets, precision):
 def test_selective_checkpointing_saves_less_than_the_block_and_keeps_the_gradients(part):
     import copy
 
-    from course_lib.memory import disable_gradient_checkpointing, enable_gradient_checkpointing, saved_activation_bytes
+    from course_lib.memory import (
+        disable_gradient_checkpointing,
+        enable_gradient_checkpointing,
+        saved_activation_bytes,
+    )
     from course_lib.model import GPT, GPTConfig
 
     torch.manual_seed(0)
@@ -190,7 +194,7 @@ def test_selective_checkpointing_saves_less_than_the_block_and_keeps_the_gradien
     assert whole < some < plain
     model(ids, labels=ids).loss.backward()
     selective(ids, labels=ids).loss.backward()
-    for (name, p), q in zip(model.named_parameters(), selective.parameters()):
+    for (name, p), q in zip(model.named_parameters(), selective.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, msg=name)
     disable_gradient_checkpointing(selective)
     assert saved_activation_bytes(selective, ids, labels=ids).total == plain

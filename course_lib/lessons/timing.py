@@ -60,6 +60,6 @@ def paired_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> tu
     """Median of the round-by-round ratios ``numerator[i] / denominator[i]`` and its 95% interval."""
     if len(numerator) != len(denominator) or not numerator:
         raise ValueError("paired_ratio needs two equally long, non-empty lists of times")
-    ratios = [a / b for a, b in zip(numerator, denominator)]
+    ratios = [a / b for a, b in zip(numerator, denominator, strict=True)]
     low, high = median_interval(ratios)
     return statistics.median(ratios), low, high
