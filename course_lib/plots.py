@@ -38,7 +38,7 @@ def plot_pipeline_timeline(
     ax.set_ylim(stages - 0.5, -0.5)
     ax.set_xlabel(unit)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in _OP_COLOURS.values()]
-    ax.legend(handles, ["forward", "backward"], loc="upper right", fontsize=8, framealpha=0.9)
+    ax.legend(handles, ["forward", "backward"], loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # outside: covers no box
     if title:
         ax.set_title(title)
     return ax
