@@ -143,7 +143,7 @@ MACHINE_PATH = re.compile(r"(/tmp/|/var/folders/|/work/|/home/\w|/root/|/Users/\
 WANDB_RUN = re.compile(r"run-\d{8}_\d{6}-\w+")                       # offline-run-20261128_173718-tx3tefu6
 RANK_PREFIX = re.compile(r"^\[(?:rank|default)(\d+)\]:", re.MULTILINE)  # torchrun's per-rank line tags
 GLUED_RANK = re.compile(r"\S(?:\[rank\d+\]:|rank \d+ of \d+)")         # a rank's line written into another's
-DATACLASS_REPR = re.compile(r"^[A-Z]\w*\(\w+=")                        # SomeClass(field=..., ...)
+DATACLASS_REPR = re.compile(r"^[A-Z]\w*\(\w+=", re.MULTILINE)          # SomeClass(field=..., ...)
 LEGEND_CALL = re.compile(r"\.legend\(([^()]*(?:\([^()]*\)[^()]*)*)\)")
 LOG_AXIS = re.compile(r"""(set_[xy]scale\(\s*["']log|[xy]scale\s*=\s*["']log|\.loglog\(|\.semilog[xy]\()""")
 EXPLICIT_TICKS = re.compile(r"(readable_log_ticks\(|set_[xy]ticks\(|[xy]ticks\s*=|\.ticker\.|LogLocator|FixedLocator|ScalarFormatter)")
@@ -165,7 +165,7 @@ def output_hygiene_problems(nb: dict) -> list[str]:
     Rules: no progress bar saved at 0%; no machine-specific path (temporary or home folders); no
     W&B run name (a timestamp and an id); no output holding the lines of several ranks (torchrun
     ``[rankN]:`` tags of more than one rank, or a rank's line glued into another's); no dataclass
-    repr as a cell's result; every ``legend(...)`` placed with ``loc=`` or ``bbox_to_anchor=``
+    repr as a cell's result or a printed line; every ``legend(...)`` placed with ``loc=`` or ``bbox_to_anchor=``
     (matplotlib's default may cover data); every log axis with explicit ticks in the same cell.
     """
     problems = []
@@ -181,8 +181,8 @@ def output_hygiene_problems(nb: dict) -> list[str]:
                     problems.append(f"code cell {i}: a W&B run name (timestamp and id): {WANDB_RUN.search(text).group()!r}")
                 if len(set(RANK_PREFIX.findall(text))) > 1 or GLUED_RANK.search(text):
                     problems.append(f"code cell {i}: the output interleaves several ranks' lines")
-                if (out.get("output_type") in ("execute_result", "display_data") and WIDGET_VIEW not in out.get("data", {})
-                        and DATACLASS_REPR.match(text)):
+                shown = DATACLASS_REPR.search(text) if out.get("output_type") == "stream" else DATACLASS_REPR.match(text)
+                if WIDGET_VIEW not in out.get("data", {}) and shown:
                     problems.append(f"code cell {i}: a dataclass repr as the result: {text[:60]!r}")
         source = _source(cell)
         for args in LEGEND_CALL.findall(source):
@@ -217,6 +217,7 @@ def test_hygiene_checks_catch_bad_outputs() -> None:
         "interleaves": nb(text="rank 0 of 2 (local rank 0) on cpurank 1 of 2 (local rank 1) on cpu"),
         "interleaves ": nb(text="[rank0]: loss 1.0\n[rank1]: loss 1.1\n"),
         "dataclass": nb(result="StepTiming(step_s=0.004, compute_s=0.003)"),
+        "dataclass ": nb(text="loss 1.0\nOverflowDemo(scale_before=65536.0, skipped=True)\n"),
         "legend": nb(source="ax.legend()"),
         "log axis": nb(source="ax.set(yscale='log')\nax.legend(loc='best')"),
     }
