@@ -500,8 +500,12 @@ def _blocks_of(model: nn.Module) -> nn.ModuleList:
     return blocks
 
 
-def enable_gradient_checkpointing(model: nn.Module, every: int = 1) -> nn.Module:
+def enable_gradient_checkpointing(model: nn.Module, every: int = 1, part: str = "block") -> nn.Module:
     """Checkpoint blocks ``0, every, 2*every, ...`` of ``model.blocks``, in place; returns ``model``.
+
+    ``part`` chooses what is recomputed: ``"block"`` (the whole block: it keeps only its input),
+    or *selective* checkpointing of one sub-layer, ``"attn"`` (attention only) or ``"mlp"``
+    (the MLP only): less memory saved than the whole block, for less recomputation.
 
     The *existing* blocks are wrapped (their forward runs under
     ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``): no layer is re-created, so
@@ -510,19 +514,23 @@ def enable_gradient_checkpointing(model: nn.Module, every: int = 1) -> nn.Module
     """
     if not isinstance(every, int) or isinstance(every, bool) or every < 1:
         raise ValueError(f"every must be a positive integer (1 = every block), got {every!r}")
+    if part not in ("block", "attn", "mlp"):
+        raise ValueError(f"part must be 'block', 'attn' or 'mlp', got {part!r}")
     blocks = _blocks_of(model)
     disable_gradient_checkpointing(model)
     for i, block in enumerate(blocks):
         if i % every == 0:
-            block.forward = _CheckpointedForward(block)
+            target = block if part == "block" else getattr(block, part)
+            target.forward = _CheckpointedForward(target)
     return model
 
 
 def disable_gradient_checkpointing(model: nn.Module) -> nn.Module:
     """Undo :func:`enable_gradient_checkpointing` (no-op for blocks that are not wrapped)."""
     for block in _blocks_of(model):
-        if is_checkpointed(block):
-            del block.forward
+        for module in (block, getattr(block, "attn", None), getattr(block, "mlp", None)):
+            if module is not None and is_checkpointed(module):
+                del module.forward
     return model
 
 

@@ -281,6 +281,56 @@ class MultiLogger:
             lg.close()
 
 
+class LayerNormsOnJump:
+    """A logger that keeps the per-layer gradient norms of every step where the global norm jumps.
+
+    Sampling per-layer norms every N steps misses a spike between two samples. This logger
+    instead computes each parameter's squared gradient norm on the device during every backward
+    pass (a ``register_post_accumulate_grad_hook`` per parameter: nothing crosses to the host),
+    and when a step's logged ``grad_norm`` exceeds ``factor`` times the median of the previous
+    ``window`` steps, it transfers that step's per-layer norms (one host sync) into
+    ``records[step]`` as ``{"grad_norm/<group>": norm}`` (groups as in :func:`grad_norms`).
+    The norms are the ones before clipping, like the logged ``grad_norm``; with gradient
+    accumulation, of the accumulated gradient. Pass it to ``train(loggers=[...])``.
+    """
+
+    def __init__(self, model: nn.Module, factor: float = 2.0, window: int = 10) -> None:
+        if factor <= 1 or window < 1:
+            raise ValueError(f"need factor > 1 and window >= 1, got {factor} and {window}")
+        self.factor, self.window = factor, window
+        self.records: dict[int, dict[str, float]] = {}
+        self._history: deque[float] = deque(maxlen=window)
+        self._squares: dict[str, torch.Tensor] = {}  # parameter name -> its last squared gradient norm
+        self._groups = {name: _group_name(name) for name, p in model.named_parameters() if p.requires_grad}
+        self._handles = [p.register_post_accumulate_grad_hook(self._hook(name))
+                         for name, p in model.named_parameters() if p.requires_grad]
+
+    def _hook(self, name: str) -> Any:
+        def record(p: torch.Tensor) -> None:
+            self._squares[name] = p.grad.detach().float().pow(2).sum()
+
+        return record
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        norm = metrics.get("grad_norm")
+        if norm is None:
+            return
+        history = sorted(self._history)
+        if len(history) >= 3 and norm > self.factor * history[len(history) // 2]:
+            groups: dict[str, list[torch.Tensor]] = {}
+            for name, square in self._squares.items():
+                groups.setdefault(self._groups[name], []).append(square)
+            names = sorted(groups)
+            values = torch.stack([torch.stack(groups[g]).sum().sqrt() for g in names]).tolist()  # one sync
+            self.records[int(step)] = {f"grad_norm/{g}": v for g, v in zip(names, values, strict=True)}
+        self._history.append(float(norm))
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
 def _group_name(param_name: str) -> str:
     """``blocks.3.attn.q_proj.weight`` -> ``blocks.3``; ``wte.weight`` -> ``wte``."""
     parts = param_name.split(".")

@@ -38,7 +38,41 @@ def plot_pipeline_timeline(
     ax.set_ylim(stages - 0.5, -0.5)
     ax.set_xlabel(unit)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in _OP_COLOURS.values()]
-    ax.legend(handles, ["forward", "backward"], loc="upper right", fontsize=8, framealpha=0.9)
+    ax.legend(handles, ["forward", "backward"], loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # outside: covers no box
     if title:
         ax.set_title(title)
+    return ax
+
+
+def readable_log_ticks(ax: Any, max_ticks: int = 6) -> Any:
+    """Put the ticks of every log axis of ``ax`` at plotted values, labelled as plain numbers.
+
+    Matplotlib's default log ticks are powers of ten, often one or none across a narrow range.
+    This reads the data of the lines and scatter points already drawn, picks up to ``max_ticks``
+    values spread evenly in log space, rounds them to two significant digits and labels them
+    with ``:g``. Call it after plotting. Returns ``ax``.
+    """
+    import math
+
+    import numpy as np
+    from matplotlib.ticker import NullLocator
+
+    for axis, scale in (("x", ax.get_xscale()), ("y", ax.get_yscale())):
+        if scale != "log":
+            continue
+        values = []
+        for line in ax.get_lines():
+            values.extend(np.asarray(line.get_xdata() if axis == "x" else line.get_ydata(), dtype=float).ravel())
+        for coll in ax.collections:
+            offsets = np.asarray(coll.get_offsets(), dtype=float)
+            if offsets.size:
+                values.extend(offsets[:, 0 if axis == "x" else 1])
+        values = [v for v in values if np.isfinite(v) and v > 0]
+        if not values:
+            continue
+        low, high = math.log10(min(values)), math.log10(max(values))
+        ticks = sorted({float(f"{10 ** x:.2g}") for x in np.linspace(low, high, max_ticks)})
+        which = ax.xaxis if axis == "x" else ax.yaxis
+        getattr(ax, f"set_{axis}ticks")(ticks, [f"{t:g}" for t in ticks])
+        which.set_minor_locator(NullLocator())
     return ax

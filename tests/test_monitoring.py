@@ -213,3 +213,28 @@ def test_matmul_peak_and_datasheet_peak():
     assert peak >= 2 * 128**3 / elapsed
     assert datasheet_peak_flops("cpu") is None  # no datasheet for a CPU: MFU uses the measured peak
     assert DATASHEET_PEAK_FLOPS["H100"]["bf16"] == DATASHEET_PEAK_FLOPS["H200"]["bf16"] == 989e12
+
+
+def test_layer_norms_on_jump_catches_the_spike_between_samples():
+    import torch.nn as nn
+
+    from course_lib.monitoring import LayerNormsOnJump, grad_norms
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
+    jumps = LayerNormsOnJump(model, factor=2.0, window=5)
+    x = torch.randn(8, 4)
+    expected = {}
+    for step in range(1, 13):
+        model.zero_grad()
+        scale = 50.0 if step == 7 else 1.0  # one spike, between two "every 10 steps" samples
+        (model(x * scale) ** 2).mean().backward()
+        norms = grad_norms(model, per_layer=True)
+        if step == 7:
+            expected = norms
+        jumps.log({"grad_norm": norms["grad_norm"], "loss": 0.0}, step)
+    assert sorted(jumps.records) == [7]
+    assert jumps.records[7] == pytest.approx({k: v for k, v in expected.items() if k != "grad_norm"}, rel=1e-5)
+    jumps.close()
+    with pytest.raises(ValueError):
+        LayerNormsOnJump(model, factor=1.0)

@@ -136,6 +136,96 @@ def test_static_checks_catch_a_bad_notebook() -> None:
     assert "ValueError: boom" in " ".join(saved_run_problems({"cells": [cell(1, [err])]}))
 
 
+# ------------------------------------------------------------------ output hygiene
+
+STALE_PROGRESS = re.compile(r"(?<![\d.])0%\|")                       # a tqdm bar saved before it moved
+MACHINE_PATH = re.compile(r"(/tmp/|/var/folders/|/work/|/home/\w|/root/|/Users/\w|[A-Z]:\\Users\\)")
+WANDB_RUN = re.compile(r"run-\d{8}_\d{6}-\w+")                       # offline-run-20261128_173718-tx3tefu6
+RANK_PREFIX = re.compile(r"^\[(?:rank|default)(\d+)\]:", re.MULTILINE)  # torchrun's per-rank line tags
+GLUED_RANK = re.compile(r"\S(?:\[rank\d+\]:|rank \d+ of \d+)")         # a rank's line written into another's
+DATACLASS_REPR = re.compile(r"^[A-Z]\w*\(\w+=", re.MULTILINE)          # SomeClass(field=..., ...)
+LEGEND_CALL = re.compile(r"\.legend\(([^()]*(?:\([^()]*\)[^()]*)*)\)")
+LOG_AXIS = re.compile(r"""(set_[xy]scale\(\s*["']log|[xy]scale\s*=\s*["']log|\.loglog\(|\.semilog[xy]\()""")
+EXPLICIT_TICKS = re.compile(r"(readable_log_ticks\(|set_[xy]ticks\(|[xy]ticks\s*=|\.ticker\.|LogLocator|FixedLocator|ScalarFormatter)")
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+def _output_texts(out: dict) -> list[str]:
+    if out.get("output_type") == "stream":
+        text = out.get("text", "")
+        return ["".join(text) if isinstance(text, list) else text]
+    data = out.get("data", {})
+    text = data.get("text/plain", "")
+    return ["".join(text) if isinstance(text, list) else text] if text else []
+
+
+def output_hygiene_problems(nb: dict) -> list[str]:
+    """What a committed notebook's outputs and plot code do that a clean lesson must not (empty: clean).
+
+    Rules: no progress bar saved at 0%; no machine-specific path (temporary or home folders); no
+    W&B run name (a timestamp and an id); no output holding the lines of several ranks (torchrun
+    ``[rankN]:`` tags of more than one rank, or a rank's line glued into another's); no dataclass
+    repr as a cell's result or a printed line; every ``legend(...)`` placed with ``loc=`` or ``bbox_to_anchor=``
+    (matplotlib's default may cover data); every log axis with explicit ticks in the same cell.
+    """
+    problems = []
+    for i, cell in enumerate(_code_cells(nb), start=1):
+        for out in cell.get("outputs", []):
+            for text in _output_texts(out):
+                if STALE_PROGRESS.search(text):
+                    problems.append(f"code cell {i}: a progress bar saved at 0%: {STALE_PROGRESS.search(text).string[:60]!r}")
+                if MACHINE_PATH.search(text):
+                    problems.append(f"code cell {i}: a machine-specific path in the output: "
+                                    f"{text[max(0, MACHINE_PATH.search(text).start() - 20):][:80]!r}")
+                if WANDB_RUN.search(text):
+                    problems.append(f"code cell {i}: a W&B run name (timestamp and id): {WANDB_RUN.search(text).group()!r}")
+                if len(set(RANK_PREFIX.findall(text))) > 1 or GLUED_RANK.search(text):
+                    problems.append(f"code cell {i}: the output interleaves several ranks' lines")
+                shown = DATACLASS_REPR.search(text) if out.get("output_type") == "stream" else DATACLASS_REPR.match(text)
+                if WIDGET_VIEW not in out.get("data", {}) and shown:
+                    problems.append(f"code cell {i}: a dataclass repr as the result: {text[:60]!r}")
+        source = _source(cell)
+        for args in LEGEND_CALL.findall(source):
+            if "loc=" not in args and "bbox_to_anchor=" not in args:
+                problems.append(f"code cell {i}: legend({args}) without loc= or bbox_to_anchor=")
+        if LOG_AXIS.search(source) and not EXPLICIT_TICKS.search(source):
+            problems.append(f"code cell {i}: a log axis without explicit ticks at the plotted values")
+    return problems
+
+
+@pytest.mark.parametrize("path", NOTEBOOK_PARAMS, ids=lambda p: p.name)
+def test_notebook_outputs_are_clean(path: Path) -> None:
+    problems = output_hygiene_problems(_load(path))
+    assert not problems, f"{path.name}: " + "; ".join(problems)
+
+
+def test_hygiene_checks_catch_bad_outputs() -> None:
+    def nb(source="x = 1", text=None, result=None):
+        outputs = []
+        if text is not None:
+            outputs.append({"output_type": "stream", "name": "stdout", "text": text})
+        if result is not None:
+            outputs.append({"output_type": "execute_result", "data": {"text/plain": result}, "execution_count": 1})
+        return {"cells": [{"cell_type": "code", "source": source, "execution_count": 1, "outputs": outputs}]}
+
+    assert output_hygiene_problems(nb(text="loss 1.0\nrank 0 of 2 on cpu\nrank 1 of 2 on cpu\n")) == []
+    assert output_hygiene_problems(nb(source="ax.legend(loc='best')\nax.set_yscale('log')\nax.set_yticks([1, 10])")) == []
+    bad = {
+        "0%": nb(text="train:   0%|          | 0/50 [00:00<?, ?step/s]"),
+        "path": nb(text="checkpoint /tmp/ddp-run-bqj3l2p5/ckpt_3.pt"),
+        "W&B": nb(text="wandb sync logged_run/wandb/offline-run-20261128_173718-tx3tefu6"),
+        "interleaves": nb(text="rank 0 of 2 (local rank 0) on cpurank 1 of 2 (local rank 1) on cpu"),
+        "interleaves ": nb(text="[rank0]: loss 1.0\n[rank1]: loss 1.1\n"),
+        "dataclass": nb(result="StepTiming(step_s=0.004, compute_s=0.003)"),
+        "dataclass ": nb(text="loss 1.0\nOverflowDemo(scale_before=65536.0, skipped=True)\n"),
+        "legend": nb(source="ax.legend()"),
+        "log axis": nb(source="ax.set(yscale='log')\nax.legend(loc='best')"),
+    }
+    for what, notebook in bad.items():
+        found = " ".join(output_hygiene_problems(notebook))
+        assert what.strip() in found or (what == "0%" and "0%" in found), (what, found)
+
+
 def nbval_command(notebook: Path) -> list[str]:
     """The pytest command that re-runs one notebook with nbval in this environment."""
     return [

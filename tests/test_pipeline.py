@@ -67,6 +67,28 @@ def test_schedules_respect_dependencies_and_match_the_bubble_formula(kind, stage
         assert max(end.values()) == 2 * (micro + stages - 1)
 
 
+@pytest.mark.parametrize("kind", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("stages, micro", [(2, 1), (2, 8), (4, 4), (3, 5)])
+def test_replay_with_measured_durations(kind, stages, micro):
+    # unit durations: exactly the unit-time schedule
+    unit = pp.replay_schedule(kind, stages, micro, lambda s, op, m: 1.0)
+    assert [(i.stage, i.start, i.op, i.microbatch) for i in unit] == [
+        (e.stage, float(e.t), e.op, e.microbatch) for e in pp.schedule(kind, stages, micro)]
+    # balanced stages with a backward twice the forward: still (P-1)/(M+P-1)
+    timed = pp.replay_schedule(kind, stages, micro, lambda s, op, m: 2.0 if op == "B" else 1.0)
+    assert pp.measured_bubble(timed, stages) == pytest.approx(pp.bubble_fraction(stages, micro))
+    # a slower last stage: the other stages idle more, and every dependency still holds
+    slow = pp.replay_schedule(kind, stages, micro, lambda s, op, m: 1.5 if s == stages - 1 else 1.0)
+    end = {(i.op, i.stage, i.microbatch): i.end for i in slow}
+    for i in slow:
+        if i.op == "F" and i.stage > 0:
+            assert i.start >= end[("F", i.stage - 1, i.microbatch)]
+        if i.op == "B" and i.stage < stages - 1:
+            assert i.start >= end[("B", i.stage + 1, i.microbatch)]
+    if micro > 1:  # with one micro-batch the stages take turns whatever their speed
+        assert pp.measured_bubble(slow, stages) > pp.bubble_fraction(stages, micro)
+
+
 def test_1f1b_holds_fewer_activations_than_gpipe():
     assert pp.peak_in_flight("gpipe", 4, 8) == [8, 8, 8, 8]
     assert pp.peak_in_flight("1f1b", 4, 8) == [4, 3, 2, 1]

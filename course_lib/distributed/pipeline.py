@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -125,12 +125,25 @@ def schedule(kind: str, stages: int, microbatches: int) -> list[Op]:
     input exists: ``F`` of micro-batch ``m`` on stage ``s`` needs ``F(s-1, m)``; ``B(s, m)``
     needs ``B(s+1, m)`` (on the last stage, its own ``F``). Returns the ops sorted by time.
     """
+    timed = replay_schedule(kind, stages, microbatches, lambda s, op, m: 1.0)
+    return [Op(i.stage, int(i.start), i.op, i.microbatch) for i in timed]
+
+
+def replay_schedule(
+    kind: str, stages: int, microbatches: int, duration: Callable[[int, str, int], float],
+) -> list[Interval]:
+    """The timeline of :func:`schedule` when op ``(stage, op, microbatch)`` takes ``duration(...)``.
+
+    The same dependencies as :func:`schedule`, with each stage on its own device and transfers
+    free. Fed with each op's measured compute time it gives the bubble a pipeline has when
+    nothing else competes for its devices. Returns the intervals sorted by start.
+    """
     _check_shape(kind, stages, microbatches)
     programs = [stage_program(kind, stages, microbatches, s) for s in range(stages)]
-    finish: dict[tuple[str, int, int], int] = {}  # (op, stage, mb) -> end time
-    free = [0] * stages
+    finish: dict[tuple[str, int, int], float] = {}  # (op, stage, mb) -> end time
+    free = [0.0] * stages
     pos = [0] * stages
-    events: list[Op] = []
+    events: list[Interval] = []
     while any(pos[s] < len(programs[s]) for s in range(stages)):
         progressed = False
         for s in range(stages):
@@ -143,14 +156,14 @@ def schedule(kind: str, stages: int, microbatches: int) -> list[Op]:
                 dep = ("B", s + 1, m) if s < stages - 1 else ("F", s, m)
             if dep is not None and dep not in finish:
                 continue
-            start = max(free[s], finish[dep] if dep is not None else 0)
-            finish[(op, s, m)] = free[s] = start + 1
-            events.append(Op(s, start, op, m))
+            start = max(free[s], finish[dep] if dep is not None else 0.0)
+            finish[(op, s, m)] = free[s] = start + duration(s, op, m)
+            events.append(Interval(s, start, free[s], op, m))
             pos[s] += 1
             progressed = True
         if not progressed:  # cannot happen for the built-in programs; guards future edits
             raise RuntimeError(f"schedule {kind!r} deadlocks at positions {pos}")
-    return sorted(events, key=lambda e: (e.t, e.stage))
+    return sorted(events, key=lambda e: (e.start, e.stage))
 
 
 def bubble_fraction(stages: int, microbatches: int) -> float:
@@ -266,6 +279,7 @@ def _summed_loss(logits: torch.Tensor, labels: torch.Tensor, n_real: int) -> tor
 def run_schedule(
     stage: GPTStage, kind: str, n_stages: int, rank: int, microbatches: int,
     input_ids: torch.Tensor | None, labels: torch.Tensor | None, n_real: int, micro_shape: tuple[int, int],
+    clock: Callable[[], float] = time.perf_counter,
 ) -> tuple[float | None, list[Interval], int]:
     """Run one training step of the pipeline on this rank (stage ``rank``) with point-to-point ops.
 
@@ -284,6 +298,9 @@ def run_schedule(
     Returns ``(loss, intervals, peak)``: the full-batch mean loss on the last stage (``None``
     elsewhere), the compute intervals of this stage (seconds since a common barrier; waiting
     for communication is not counted), and the most micro-batches whose activations it held at once.
+    ``clock`` reads the time: wall time by default; ``time.thread_time`` (CPU) gives each op's
+    busy time without the time the operating system gave this core to other programs (then
+    the starts of different stages are not comparable, only the durations are).
     """
     device = next(stage.parameters()).device
     dtype = next(stage.parameters()).dtype
@@ -300,7 +317,7 @@ def run_schedule(
 
     def now() -> float:  # on a GPU, wait for the queued kernels: time the work, not its launch
         synchronize(device)
-        return time.perf_counter()
+        return clock()
 
     in_flight: list[Any] = []  # sends posted without a receive: waited for at the end
 
