@@ -70,9 +70,9 @@ release: venv
 
 ## Instructors: autograde SUBMISSIONS=DIR (per-student folders, or an LMS download with ASSIGNMENT=...)
 grade: venv
-	@test -n "$(SUBMISSIONS)" || { echo "usage: make grade SUBMISSIONS=DIR [ASSIGNMENT=quiz] [LMS_REGEX='...'] [JOBS=N]"; exit 2; }
+	@test -n "$(SUBMISSIONS)" || { echo "usage: make grade SUBMISSIONS=DIR [ASSIGNMENT=quiz] [LMS_REGEX='...'] [JOBS=N] [TIMEOUT=S]"; exit 2; }
 	$(PY) scripts/grade.py grade "$(SUBMISSIONS)" $(if $(ASSIGNMENT),--assignment "$(ASSIGNMENT)") \
-		$(if $(LMS_REGEX),--lms-regex '$(value LMS_REGEX)') $(if $(JOBS),--jobs $(JOBS))
+		$(if $(LMS_REGEX),--lms-regex '$(value LMS_REGEX)') $(if $(JOBS),--jobs $(JOBS)) $(if $(TIMEOUT),--timeout $(TIMEOUT))
 
 bench: venv
 	@for b in benchmarks/throughput.py benchmarks/memory.py benchmarks/notebooks.py; do \

@@ -13,6 +13,7 @@ import json
 import re
 import shutil
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -483,3 +484,40 @@ def test_a_dead_worker_fails_only_its_submission_and_is_restarted(course, graded
     assert not dead.ok and "grader process died" in dead.error
     assert alive.ok and alive.score == graded[("quiz", "solution")].score
     assert seen == ["solution", "solution"]
+
+
+# A grader process that hangs before it answers (as a kernel stuck in its start-up would), but only the
+# first time it is started: its replacement is the real worker.
+HANG_ONCE = """import os, sys, time
+marker = sys.argv[1]
+if not os.path.exists(marker):
+    open(marker, "w").close()
+    time.sleep(600)
+os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
+"""
+
+
+def test_submission_timeout_allows_every_code_cell_its_limit(course):
+    _, api = course
+    nb = nbformat.read(_nb_path(REPO, "solutions", "ex2_memory"), as_version=4)
+    cells = sum(c.cell_type == "code" for c in nb.cells)
+    assert grade.submission_timeout(api, "ex2_memory") == grade.STARTUP_ALLOWANCE_S + cells * api.config.Execute.timeout
+
+
+@pytest.mark.slow
+def test_a_worker_that_never_answers_fails_its_submission_in_bounded_time(course, tmp_path, monkeypatch):
+    _, api = course
+    _write(nbformat.read(_nb_path(REPO, "solutions", "quiz"), as_version=4), tmp_path / "in" / "on-time" / "quiz.ipynb")
+    assert grade.collect(api, tmp_path / "in") == [("quiz", "on-time")]
+    limit_s = 5.0
+    monkeypatch.setattr(grade, "submission_timeout", lambda api, a: limit_s if a == "ex2_memory" else 600.0)
+    command = grade.worker_command(api)
+    hanging = [sys.executable, "-c", HANG_ONCE, str(tmp_path / "started"), *command[1:]]
+    start = time.monotonic()
+    done = grade._grade_with_workers(api, [("ex2_memory", "stuck"), ("quiz", "on-time")], 1,
+                                     lambda i, outcome: None, command=hanging)
+    stuck, next_one = done[("ex2_memory", "stuck")], done[("quiz", "on-time")]
+    assert (tmp_path / "started").exists(), "the hanging worker never ran: the test proves nothing"
+    assert not stuck.ok and f"no result within {limit_s:.0f} s" in stuck.error
+    assert next_one.ok and next_one.score == sum(p for p, _ in _points("quiz").values()), next_one.error
+    assert time.monotonic() - start < limit_s + 120
