@@ -11,8 +11,10 @@ import ast
 import csv
 import importlib.util
 import json
+import os
 import re
 import shutil
+import subprocess
 import sys
 import time
 import zipfile
@@ -630,3 +632,29 @@ def test_a_worker_that_never_answers_fails_its_submission_in_bounded_time(course
     assert not stuck.ok and f"no result within {limit_s:.0f} s" in stuck.error
     assert next_one.ok and next_one.score == sum(p for p, _ in _points("quiz").values()), next_one.error
     assert time.monotonic() - start < limit_s + 120
+
+
+@pytest.mark.slow
+def test_nbgraders_own_commands_work_on_a_fresh_clone(tmp_path):
+    """A new instructor's first commands, in a `git clone` (no grading/ folder), the venv not activated."""
+    clone = tmp_path / "course"
+    subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True, timeout=120)
+    assert not (clone / "grading").exists()
+    nbgrader = str(Path(sys.executable).with_name("nbgrader"))
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep)
+                                  if Path(p).resolve() != Path(sys.executable).parent.resolve())
+
+    def run(*args):
+        done = subprocess.run([nbgrader, *args], cwd=clone, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and "error accessing the nbgrader database" not in done.stdout + done.stderr, (
+            f"nbgrader {' '.join(args)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+        return done.stdout + done.stderr
+
+    assert "There are 0 assignments" in run("db", "assignment", "list")
+    run("generate_assignment", "quiz", "--force")
+    listed = run("db", "assignment", "list")
+    assert "There are 1 assignments" in listed and "quiz" in listed
+    changed = subprocess.run(["git", "status", "--porcelain", "--", "assessments"], cwd=clone,
+                             capture_output=True, text=True, check=True).stdout
+    assert changed == "", f"nbgrader's release differs from the committed assessments/:\n{changed}"
