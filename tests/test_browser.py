@@ -1,4 +1,5 @@
-"""A real browser against the learner's JupyterLab: notebook 00 runs and its calculator responds.
+"""A real browser against JupyterLab: in the learner's lab notebook 00 runs and its calculator responds; in the
+instructor's lab on a fresh clone nbgrader's Formgrader lists the assignments and the autograded scores.
 
 The lab starts as ``make lab`` starts it (learner lab config from ``binder/``), but headless: on
 127.0.0.1, a free port, a random token, its own config and runtime directories. Debian's Chromium
@@ -230,27 +231,29 @@ def test_formgrader_on_a_fresh_clone_lists_the_assignments_and_an_autograded_sco
     for student, folder in (("alice", "solutions"), ("bob", "assessments")):
         (tmp_path / "submissions" / student).mkdir(parents=True)
         shutil.copy(course / folder / "quiz" / "quiz.ipynb", tmp_path / "submissions" / student / "quiz.ipynb")
-    graded = subprocess.run(  # what `make grade SUBMISSIONS=...` runs, in the clone
-        [sys.executable, "scripts/grade.py", "grade", str(tmp_path / "submissions")],
-        cwd=course, capture_output=True, text=True, timeout=600,
-    )
-    assert graded.returncode == 0, graded.stdout[-3000:] + graded.stderr[-3000:]
 
     with _running_lab(tmp_path / "lab", course, course, learner=False) as lab, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         try:
-            page.goto(f"{lab.url}/lab/workspaces/instructor-test/tree/README.md?reset&token={lab.token}")
+            # before any make target: the instructor's panels are there and the Formgrader opens its gradebook
+            page.goto(f"{lab.url}/lab/workspaces/instructor-test?reset&token={lab.token}")
             page.wait_for_function("() => window.jupyterapp && window.jupyterapp.commands.hasCommand('nbgrader:open-formgrader')",
                                    timeout=120_000)
             for plugin in ("@jupyter/nbgrader:formgrader", "@jupyter/nbgrader:create-assignment"):
                 assert page.evaluate(f"window.jupyterapp.hasPlugin('{plugin}')"), f"the instructor's lab lacks {plugin}"
             page.evaluate("window.jupyterapp.commands.execute('nbgrader:open-formgrader')")
-            formgrader = page.frame_locator("#formgrader-iframe")
-            for name in ASSIGNMENT_NAMES:  # Manage Assignments: every assignment the gradebook knows
+            formgrader = page.frame_locator("#formgrader-iframe iframe")
+            for name in ASSIGNMENT_NAMES:  # Manage Assignments: every assignment of solutions/
                 expect(formgrader.locator("#main-table")).to_contain_text(name, timeout=60_000)
             expect(formgrader.locator("body")).not_to_contain_text("error accessing the nbgrader database")
             page.screenshot(path=str(ARTIFACTS / "formgrader_assignments.png"))
+
+            graded = subprocess.run(  # what `make grade SUBMISSIONS=...` runs, in the clone
+                [sys.executable, "scripts/grade.py", "grade", str(tmp_path / "submissions")],
+                cwd=course, capture_output=True, text=True, timeout=600,
+            )
+            assert graded.returncode == 0, graded.stdout[-3000:] + graded.stderr[-3000:]
 
             # the quiz's submissions: alice's autograded score is full marks, bob's zero
             top = _quiz_points(course)
