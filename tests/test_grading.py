@@ -24,7 +24,9 @@ from pathlib import Path
 import nbformat
 import pytest
 
-pytestmark = pytest.mark.grading
+# The module-scoped `graded` fixture autogrades every scenario (about 16 submissions) in the set-up of its first
+# test: 3-5 minutes on a loaded two-core machine, more than the suite's default per-test limit.
+pytestmark = [pytest.mark.grading, pytest.mark.timeout(900)]
 
 REPO = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("course_grade", REPO / "scripts" / "grade.py")
