@@ -16,7 +16,7 @@ export PYDEVD_DISABLE_FILE_VALIDATION := 1
 # so extra threads only contend for the cores.
 PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest
 
-.PHONY: venv lab test test-fast test-notebooks test-browser course pretrained release grade bench doctor clean
+.PHONY: venv lab instructor-lab test test-fast test-notebooks test-browser course pretrained release grade bench doctor clean
 
 venv: $(STAMP)
 
@@ -34,6 +34,10 @@ lab: venv
 	JUPYTER_CONFIG_PATH=$(CURDIR)/binder $(VENV)/bin/jupyter lab --notebook-dir=notebooks \
 		$(if $(filter 0,$(shell id -u)),--allow-root,) $(LAB_ARGS)
 
+## Instructors: JupyterLab on the whole repository with nbgrader's Formgrader and Create Assignment panels
+instructor-lab: venv
+	$(VENV)/bin/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root,) $(LAB_ARGS)
+
 doctor: venv
 	$(PY) -m course_lib doctor
 
@@ -48,7 +52,7 @@ test-fast: venv
 test-notebooks: venv
 	$(PYTEST) -q -m notebooks tests
 
-## Headless Chromium against the lab: notebook 00 runs, its calculator responds (needs /usr/bin/chromium)
+## Headless Chromium: notebook 00 runs in the learner's lab; the Formgrader works on a fresh clone (needs /usr/bin/chromium)
 test-browser: venv
 	$(PYTEST) -q -rs -m browser tests/test_browser.py
 
@@ -70,9 +74,9 @@ release: venv
 
 ## Instructors: autograde SUBMISSIONS=DIR (per-student folders, or an LMS download with ASSIGNMENT=...)
 grade: venv
-	@test -n "$(SUBMISSIONS)" || { echo "usage: make grade SUBMISSIONS=DIR [ASSIGNMENT=quiz] [LMS_REGEX='...'] [JOBS=N]"; exit 2; }
+	@test -n "$(SUBMISSIONS)" || { echo "usage: make grade SUBMISSIONS=DIR [ASSIGNMENT=quiz] [LMS_REGEX='...'] [JOBS=N] [TIMEOUT=S]"; exit 2; }
 	$(PY) scripts/grade.py grade "$(SUBMISSIONS)" $(if $(ASSIGNMENT),--assignment "$(ASSIGNMENT)") \
-		$(if $(LMS_REGEX),--lms-regex '$(value LMS_REGEX)') $(if $(JOBS),--jobs $(JOBS))
+		$(if $(LMS_REGEX),--lms-regex '$(value LMS_REGEX)') $(if $(JOBS),--jobs $(JOBS)) $(if $(TIMEOUT),--timeout $(TIMEOUT))
 
 bench: venv
 	@for b in benchmarks/throughput.py benchmarks/memory.py benchmarks/notebooks.py; do \

@@ -9,10 +9,22 @@ Layout (paths relative to this file, whatever the current directory):
 """
 
 import os
+import sys
 
 c = get_config()  # noqa: F821 - provided by traitlets when it loads this file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+# nbgrader's own commands (`nbgrader generate_assignment`, `nbgrader db ...`) and JupyterLab's Formgrader
+# and Create Assignment panels open the gradebook below. SQLite creates the file but not its folder, and
+# nbgrader reports a missing folder as "run nbgrader db upgrade": so the folder is made whenever this
+# configuration is loaded, and a fresh clone works without any make target.
+os.makedirs(os.path.join(HERE, "grading"), exist_ok=True)
+# A new gradebook asks the `alembic` executable for its schema version; it sits beside the interpreter that
+# runs nbgrader (.venv/bin), which is not on PATH when the virtual environment is not activated.
+_bin = os.path.dirname(sys.executable)
+if _bin not in os.environ.get("PATH", "").split(os.pathsep):
+    os.environ["PATH"] = os.pathsep.join([_bin, os.environ.get("PATH", "")])
 
 c.CourseDirectory.course_id = "llm-training"
 c.CourseDirectory.root = HERE

@@ -4,7 +4,7 @@
         Regenerate ``assessments/<assignment>/<name>.ipynb`` (student versions: solutions and
         hidden tests removed) from ``solutions/`` and record the tests in the gradebook.
 
-    python scripts/grade.py grade SUBMISSIONS [--assignment A] [--lms-regex REGEX] [--jobs N]
+    python scripts/grade.py grade SUBMISSIONS [--assignment A] [--lms-regex REGEX] [--jobs N] [--timeout S]
         Autograde every submission found in SUBMISSIONS, write feedback HTML and a grades CSV
         under ``grading/``, and print a summary. ``--jobs N`` grades N submissions at a time
         in N worker processes (they share the SQLite gradebook). SUBMISSIONS may be laid out as
@@ -16,8 +16,10 @@
           ``nbgrader zip_collect`` with ``--lms-regex`` (default: Canvas-style
           ``<student>_..._<name>.ipynb``).
 
-        One broken submission (invalid file, infinite loop, crashed kernel) is reported and
-        skipped; every other submission is still graded. Exit status 1 if any failed.
+        One broken submission (invalid file, infinite loop, crashed kernel, a kernel that never
+        starts) is reported and skipped; every other submission is still graded. Every
+        submission is graded in a worker process that must answer within ``--timeout`` seconds
+        (default: the cell timeout for each code cell plus 180 s). Exit status 1 if any failed.
 
 Everything nbgrader writes goes to the git-ignored ``grading/`` folder (see
 ``nbgrader_config.py``). The functions here are also what ``tests/test_grading.py`` drives.
@@ -427,54 +429,112 @@ def summary(outcomes: list[Outcome]) -> str:
     return "\n".join(lines)
 
 
-def _grade_with_workers(api, pairs: list[tuple[str, str]], jobs: int, report) -> dict[tuple[str, str], Outcome]:
+def submission_timeout(api, assignment: str) -> float:
+    """Seconds a grader process may take to answer for one submission of ``assignment``.
+
+    Every code cell may run for the configured cell timeout; the kernel's start, the restore of the
+    test cells and the feedback page get a fixed allowance on top.
+    """
+    import nbformat
+
+    source = Path(api.coursedir.format_path(api.coursedir.source_directory, ".", assignment))
+    cells = sum(sum(c.cell_type == "code" for c in nbformat.read(nb, as_version=4).cells)
+                for nb in sorted(source.glob("*.ipynb")))
+    return STARTUP_ALLOWANCE_S + cells * float(api.config.Execute.timeout)
+
+
+STARTUP_ALLOWANCE_S = 180.0
+
+
+def worker_command(api) -> list[str]:
+    """The command line of one ``grade-worker`` process for ``api``'s course folder and settings."""
+    return [sys.executable, __file__, "--root", str(api.coursedir.root), "grade-worker",
+            "--release-directory", api.coursedir.release_directory,
+            "--cell-timeout", str(api.config.Execute.timeout)]
+
+
+class _Worker:
+    """One ``grade-worker`` process; its answers are read by a thread, so every wait has a deadline."""
+
+    def __init__(self, command: list[str], log) -> None:
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                                     text=True, cwd=REPO)
+        self.answers: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.answers.put(line)
+        self.answers.put("")  # end of output: the process died or closed its stdout
+
+    def ask(self, pair: tuple[str, str], timeout_s: float) -> str | None:
+        """Send one submission; its JSON answer, ``""`` if the process died, ``None`` after ``timeout_s``."""
+        try:
+            self.proc.stdin.write(json.dumps(list(pair)) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            return ""
+        try:
+            return self.answers.get(timeout=timeout_s)
+        except queue.Empty:
+            return None
+
+    def kill(self) -> None:
+        self.proc.kill()  # its kernel notices that its parent is gone and exits too
+        self.proc.wait()
+
+    def close(self, timeout_s: float = 60) -> None:
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=timeout_s)
+        except (subprocess.TimeoutExpired, OSError):
+            self.kill()
+
+
+def _grade_with_workers(api, pairs: list[tuple[str, str]], jobs: int, report, command: list[str] | None = None,
+                        timeout_s: float | None = None) -> dict[tuple[str, str], Outcome]:
     """Grade ``pairs`` in ``jobs`` worker processes (``grade-worker``), each taking the next pair when free.
 
     A worker reads one JSON ``[assignment, student]`` per line and answers one JSON outcome per
-    line; its other output goes to ``grading/logs/worker-<k>.log``. A worker that dies fails only
-    the submission it held and is restarted.
+    line; its other output goes to ``grading/logs/worker-<k>.log``. No wait is unbounded: a worker
+    that dies, or gives no answer within ``timeout_s`` (default :func:`submission_timeout`: stuck
+    in a kernel's start, say), fails only the submission it held and is replaced.
     """
     todo: queue.SimpleQueue = queue.SimpleQueue()
     for pair in pairs:
         todo.put(pair)
     done: dict[tuple[str, str], Outcome] = {}
     lock = threading.Lock()
-    cmd = [sys.executable, __file__, "--root", str(api.coursedir.root), "grade-worker",
-           "--release-directory", api.coursedir.release_directory,
-           "--cell-timeout", str(api.config.Execute.timeout)]
+    command = command or worker_command(api)
     logs = Path(api.coursedir.root) / "grading" / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    limits = {a: timeout_s or submission_timeout(api, a) for a in {a for a, _ in pairs}
+              if (Path(api.coursedir.root) / api.coursedir.source_directory / a).is_dir()}
 
     def work(k: int) -> None:
         with open(logs / f"worker-{k}.log", "w") as log:
-            proc = None
+            worker = None
             while True:
                 try:
                     assignment, student = todo.get_nowait()
                 except queue.Empty:
                     break
-                if proc is None:
-                    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
-                                            text=True, cwd=REPO)
-                try:
-                    proc.stdin.write(json.dumps([assignment, student]) + "\n")
-                    proc.stdin.flush()
-                    line = proc.stdout.readline()
-                except BrokenPipeError:
-                    line = ""
+                if worker is None:
+                    worker = _Worker(command, log)
+                limit = limits.get(assignment, timeout_s or STARTUP_ALLOWANCE_S)
+                line = worker.ask((assignment, student), limit)
                 if line:
                     outcome = Outcome(**json.loads(line))
-                else:  # the worker died: this submission fails, the next one gets a new worker
-                    proc.kill()
-                    proc.wait()
-                    proc = None
-                    outcome = Outcome(assignment, student, ok=False, error=f"grader process died (see {log.name})")
+                else:  # dead or silent: this submission fails, the next one gets a new worker
+                    worker.kill()
+                    worker = None
+                    why = "grader process died" if line == "" else f"no result within {limit:.0f} s, grader process stopped"
+                    outcome = Outcome(assignment, student, ok=False, error=f"{why} (see {log.name})")
                 with lock:
                     done[(assignment, student)] = outcome
                     report(len(done), outcome)
-            if proc is not None:
-                proc.stdin.close()
-                proc.wait(timeout=60)
+            if worker is not None:
+                worker.close()
 
     with ThreadPoolExecutor(jobs) as pool:
         for future in [pool.submit(work, k) for k in range(jobs)]:
@@ -492,11 +552,13 @@ def grade_worker(api) -> None:
         answers.flush()
 
 
-def grade_all(api, pairs: list[tuple[str, str]], jobs: int = 1) -> list[Outcome]:
+def grade_all(api, pairs: list[tuple[str, str]], jobs: int = 1, timeout_s: float | None = None) -> list[Outcome]:
     """Grade every ``(assignment, student)`` pair, ``jobs`` at a time, printing progress.
 
-    Returns the outcomes in the order of ``pairs``. With ``jobs > 1`` the submissions are graded
-    by that many worker processes; the distributed exercise's kernels start processes of their
+    Returns the outcomes in the order of ``pairs``. The submissions are graded by ``jobs`` worker
+    processes (one by default), so that a submission that hangs anywhere (even before its first
+    cell runs) is stopped after ``timeout_s`` (default :func:`submission_timeout`) and reported as
+    failed while grading goes on. The distributed exercise's kernels start processes of their
     own, so keep ``jobs`` at or below half the CPU cores.
     """
     if jobs < 1:
@@ -507,13 +569,7 @@ def grade_all(api, pairs: list[tuple[str, str]], jobs: int = 1) -> list[Outcome]
                   if outcome.pending else "") if outcome.ok else "FAILED: " + outcome.error)
         print(f"[{i}/{len(pairs)}] {outcome.student} {outcome.assignment}: {status}", flush=True)
 
-    if jobs == 1:
-        outcomes = []
-        for i, (assignment, student) in enumerate(pairs, start=1):
-            outcomes.append(grade_one(api, assignment, student))
-            report(i, outcomes[-1])
-        return outcomes
-    done = _grade_with_workers(api, pairs, jobs, report)
+    done = _grade_with_workers(api, pairs, jobs, report, timeout_s=timeout_s)
     return [done[pair] for pair in pairs]
 
 
@@ -531,6 +587,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--csv", type=Path, default=None, help="default: <root>/grading/grades.csv")
     g.add_argument("--jobs", type=int, default=1,
                    help="submissions graded at once, by that many worker processes (at most half the CPU cores)")
+    g.add_argument("--timeout", type=float, default=None,
+                   help="seconds one submission may take (default: the cell timeout per code cell + 180 s)")
     worker = sub.add_parser("grade-worker", help="grade collected submissions named on stdin (used by --jobs)")
     worker.add_argument("--release-directory", default=None)
     worker.add_argument("--cell-timeout", type=int, default=None)
@@ -569,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
     if not pairs:
         print("no submissions found")
         return 1
-    outcomes = grade_all(api, pairs, jobs=args.jobs)
+    outcomes = grade_all(api, pairs, jobs=args.jobs, timeout_s=args.timeout)
     csv_path = args.csv or root / "grading" / "grades.csv"
     write_csv(outcomes, csv_path)
     print()

@@ -1,4 +1,5 @@
-"""A real browser against the learner's JupyterLab: notebook 00 runs and its calculator responds.
+"""A real browser against JupyterLab: in the learner's lab notebook 00 runs and its calculator responds; in the
+instructor's lab on a fresh clone nbgrader's Formgrader lists the assignments and the autograded scores.
 
 The lab starts as ``make lab`` starts it (learner lab config from ``binder/``), but headless: on
 127.0.0.1, a free port, a random token, its own config and runtime directories. Debian's Chromium
@@ -9,6 +10,7 @@ cannot touch the committed file. A screenshot lands in ``test-artifacts/browser/
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -58,29 +60,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    base = tmp_path_factory.mktemp("lab")
-    served = base / "notebooks"
-    served.mkdir()
-    shutil.copy(ROOT / "notebooks" / NOTEBOOK, served / NOTEBOOK)
+@contextlib.contextmanager
+def _running_lab(base: Path, notebook_dir: Path, cwd: Path, learner: bool) -> Iterator[Lab]:
+    """JupyterLab serving ``notebook_dir``, started in ``cwd``: the learner's lab (``make lab``'s config from
+    ``binder/``, instructor panels hidden) or the instructor's (``make instructor-lab``: every nbgrader panel)."""
     port, token = _free_port(), secrets.token_hex(16)
     env = dict(
         os.environ,
         JUPYTER_CONFIG_DIR=str(base / "config"), JUPYTER_RUNTIME_DIR=str(base / "runtime"),
-        JUPYTER_CONFIG_PATH=str(ROOT / "binder"),  # the learner's lab, as `make lab` sets it
         HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="offline", PYDEVD_DISABLE_FILE_VALIDATION="1",
     )
+    env.pop("JUPYTER_CONFIG_PATH", None)
+    if learner:
+        env["JUPYTER_CONFIG_PATH"] = str(ROOT / "binder")  # the learner's lab, as `make lab` sets it
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    log = ARTIFACTS / "jupyterlab.log"
+    log = ARTIFACTS / ("jupyterlab.log" if learner else "jupyterlab-instructor.log")
     with log.open("w") as log_file:
         server = subprocess.Popen(
             [sys.executable, "-m", "jupyter", "lab", "--no-browser",
-             f"--notebook-dir={served}", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
+             f"--notebook-dir={notebook_dir}", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
              "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}",
              "--LabApp.expose_app_in_browser=True",
              *(["--ServerApp.allow_root=True"] if hasattr(os, "geteuid") and os.geteuid() == 0 else [])],
-            cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+            cwd=cwd, env=env, stdout=log_file, stderr=subprocess.STDOUT,
         )
         url = f"http://127.0.0.1:{port}"
         try:
@@ -105,6 +107,16 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
             except subprocess.TimeoutExpired:
                 server.kill()
                 server.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    base = tmp_path_factory.mktemp("lab")
+    served = base / "notebooks"
+    served.mkdir()
+    shutil.copy(ROOT / "notebooks" / NOTEBOOK, served / NOTEBOOK)
+    with _running_lab(base, served, ROOT, learner=True) as running:
+        yield running
 
 
 # Progress of "run all" from the notebook's model: error output, or every non-empty code cell executed
@@ -192,3 +204,70 @@ def test_notebook_00_runs_and_calculator_responds(lab: Lab) -> None:
                 calculator.screenshot(path=str(ARTIFACTS / "notebook00_calculator.png"))
             page.screenshot(path=str(ARTIFACTS / "notebook00_lab.png"))
             browser.close()
+
+
+# ------------------------------------------------------------------------------------------
+# The instructor's lab on a fresh clone: nbgrader's Formgrader lists the assignments and shows an autograded score
+
+ASSIGNMENT_NAMES = ("ex1_distributed", "ex2_memory", "ex3_peft", "quiz")
+
+
+def _fresh_clone(dest: Path) -> Path:
+    """``git clone`` of this repository's committed HEAD: no grading/ folder, no .venv, nothing untracked."""
+    subprocess.run(["git", "clone", "--quiet", str(ROOT), str(dest)], check=True, timeout=120)
+    assert not (dest / "grading").exists()
+    return dest
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_formgrader_on_a_fresh_clone_lists_the_assignments_and_an_autograded_score(tmp_path: Path) -> None:
+    try:
+        from playwright.sync_api import expect, sync_playwright
+    except ImportError:
+        pytest.fail("playwright is not installed: `pip install -r requirements.txt` (it pins playwright)")
+    course = _fresh_clone(tmp_path / "course")
+    # two students hand in the quiz: the model solution and the untouched student version
+    for student, folder in (("alice", "solutions"), ("bob", "assessments")):
+        (tmp_path / "submissions" / student).mkdir(parents=True)
+        shutil.copy(course / folder / "quiz" / "quiz.ipynb", tmp_path / "submissions" / student / "quiz.ipynb")
+
+    with _running_lab(tmp_path / "lab", course, course, learner=False) as lab, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        try:
+            # before any make target: the instructor's panels are there and the Formgrader opens its gradebook
+            page.goto(f"{lab.url}/lab/workspaces/instructor-test?reset&token={lab.token}")
+            page.wait_for_function("() => window.jupyterapp && window.jupyterapp.commands.hasCommand('nbgrader:open-formgrader')",
+                                   timeout=120_000)
+            for plugin in ("@jupyter/nbgrader:formgrader", "@jupyter/nbgrader:create-assignment"):
+                assert page.evaluate(f"window.jupyterapp.hasPlugin('{plugin}')"), f"the instructor's lab lacks {plugin}"
+            page.evaluate("window.jupyterapp.commands.execute('nbgrader:open-formgrader')")
+            formgrader = page.frame_locator("#formgrader-iframe iframe")
+            for name in ASSIGNMENT_NAMES:  # Manage Assignments: every assignment of solutions/
+                expect(formgrader.locator("#main-table")).to_contain_text(name, timeout=60_000)
+            expect(formgrader.locator("body")).not_to_contain_text("error accessing the nbgrader database")
+            page.screenshot(path=str(ARTIFACTS / "formgrader_assignments.png"))
+
+            graded = subprocess.run(  # what `make grade SUBMISSIONS=...` runs, in the clone
+                [sys.executable, "scripts/grade.py", "grade", str(tmp_path / "submissions")],
+                cwd=course, capture_output=True, text=True, timeout=600,
+            )
+            assert graded.returncode == 0, graded.stdout[-3000:] + graded.stderr[-3000:]
+
+            # the quiz's submissions: alice's autograded score is full marks, bob's zero
+            top = _quiz_points(course)
+            page.goto(f"{lab.url}/formgrader/manage_submissions/quiz?token={lab.token}")
+            rows = page.locator("#main-table tr")
+            expect(rows.filter(has_text="alice").locator(".score")).to_have_text(f"{top:g} / {top:g}", timeout=60_000)
+            expect(rows.filter(has_text="bob").locator(".score")).to_have_text(f"0 / {top:g}", timeout=60_000)
+            page.screenshot(path=str(ARTIFACTS / "formgrader_quiz_submissions.png"))
+        finally:
+            browser.close()
+
+
+def _quiz_points(course: Path) -> float:
+    import nbformat
+
+    nb = nbformat.read(course / "solutions" / "quiz" / "quiz.ipynb", as_version=4)
+    return sum(c.metadata.get("nbgrader", {}).get("points", 0) for c in nb.cells)

@@ -7,19 +7,26 @@ Python API (``scripts/grade.py`` wraps it; the CLI is only used for ``zip_collec
 
 from __future__ import annotations
 
+import ast
 import csv
 import importlib.util
 import json
+import os
 import re
 import shutil
+import subprocess
 import sys
+import time
 import zipfile
+from collections import Counter
 from pathlib import Path
 
 import nbformat
 import pytest
 
-pytestmark = pytest.mark.grading
+# The module-scoped `graded` fixture autogrades every scenario (about 16 submissions) in the set-up of its first
+# test: 3-5 minutes on a loaded two-core machine, more than the suite's default per-test limit.
+pytestmark = [pytest.mark.grading, pytest.mark.timeout(900)]
 
 REPO = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("course_grade", REPO / "scripts" / "grade.py")
@@ -35,7 +42,7 @@ QUIZ_TIMEOUT_S = 10  # per cell, for the quiz's students (the infinite loop must
 # by editing the test itself.
 PARTIAL = {
     "quiz": ({f"q{i:02d}-answer" for i in range(1, 6)}, {f"q{i:02d}-test" for i in range(1, 6)}, "q10-test"),
-    "ex1_distributed": ({"pipeline-answer"}, {"pipeline-partition-test", "pipeline-bubble-test"}, "dp-grads-test"),
+    "ex1_distributed": ({"pipeline-answer"}, {"pipeline-grads-test", "pipeline-bubble-test"}, "dp-grads-test"),
     "ex2_memory": ({"accumulate-answer", "checkpoint-answer"}, {"accumulate-test", "checkpoint-test"},
                    "step-test-fp16"),
     "ex3_peft": ({"lora-layer-answer"}, {"lora-layer-test", "lora-merge-test"}, "lora-model-test"),
@@ -118,18 +125,124 @@ def test_points_announced_to_students_match_the_metadata(assignment):
         assert announced and (int(announced[1]), int(announced[2])) == (auto, written), title.splitlines()[0]
 
 
-def test_quiz_covers_every_lesson_and_the_module_questions():
+BEYOND_THE_MODULE = ("12", "13", "14", "15", "16")  # profiling, attention memory, ZeRO, context parallelism, MoE
+
+
+def _quiz() -> list[dict]:
+    """The quiz's questions from the source: lesson, options (text by letter) and the key of each."""
     nb = nbformat.read(_nb_path(REPO, "solutions", "quiz"), as_version=4)
-    questions = [c.source for c in nb.cells if _meta(c).get("grade_id", "").endswith("-question")]
-    assert len(questions) >= 15
-    lessons = {re.search(r"\(lesson (\d\d)\)", q).group(1) for q in questions}
-    assert lessons == {f"{i:02d}" for i in range(12)}
-    module = [q for q in questions if "from the module" in q]
+    cells = _cells(nb)
+    questions = []
+    for gid in sorted(g for g in cells if g.endswith("-question")):
+        text = cells[gid].source
+        answer = _regions(cells[gid.replace("-question", "-answer")].source, "### BEGIN SOLUTION", "### END SOLUTION")[0]
+        questions.append({
+            "id": gid[:3], "text": text, "lesson": re.search(r"\(lesson (\d\d)\b", text).group(1),
+            "options": dict(re.findall(r"^- \*\*([A-Z])\.\*\* (.*)$", text, flags=re.M)),
+            "key": ast.literal_eval(answer.split("=", 1)[1].strip()),
+            "test": cells[gid.replace("-question", "-test")].source,
+        })
+    return questions
+
+
+def test_quiz_covers_every_lesson_and_the_module_questions():
+    questions = _quiz()
+    assert len(questions) >= 30
+    lessons = [q["lesson"] for q in questions]
+    assert set(lessons) == {f"{i:02d}" for i in range(17)}
+    for lesson in BEYOND_THE_MODULE:
+        assert lessons.count(lesson) >= 2, f"lesson {lesson} needs at least two questions"
+    module = [q for q in questions if "from the module" in q["text"]]
     for wanted in ("main challenges in training large language models", "gradient accumulation help",
                    "purpose of mixed precision training"):
-        assert any(wanted in q for q in module), wanted
-    tests = [c.source for c in nb.cells if _meta(c).get("grade_id", "").endswith("-test")]
-    assert len(tests) == len(questions) and all("print('Explanation:'" in t for t in tests)
+        assert any(wanted in q["text"] for q in module), wanted
+    for q in questions:
+        assert "print('Explanation:'" in q["test"] and re.search(r"[Ll]esson \d\d", q["test"]), (
+            f"{q['id']}: every answer explains itself and points to its lesson")
+        keys = q["key"] if isinstance(q["key"], set) else {q["key"]}
+        assert not any("all of the above" in q["options"].get(k, "").lower() for k in keys), q["id"]
+    sets = [q for q in questions if isinstance(q["key"], set)]
+    assert all(q["key"] != set(q["options"]) for q in sets), "'every option' must not be a set question's key"
+
+
+def test_quiz_keys_are_spread_over_positions_and_lengths():
+    """A student who picks the longest option, or always the same letter, scores near chance."""
+    single = [q for q in _quiz() if isinstance(q["key"], str)]
+    assert len(single) >= 12
+    positions = Counter(q["key"] for q in single)
+    letters = sorted({letter for q in single for letter in q["options"]})
+    assert max(positions[x] for x in letters) - min(positions[x] for x in letters) <= 1, positions
+    # length rank of the key: how many options are strictly shorter (0 = shortest, 3 = longest of four)
+    ranks = Counter(sum(len(o) < len(q["options"][q["key"]]) for o in q["options"].values()) for q in single)
+    assert max(ranks.values()) <= len(single) / 4 + 1, f"length ranks of the keys: {dict(ranks)}"
+    always_longest = sum(all(len(q["options"][q["key"]]) >= len(o) for o in q["options"].values()) for q in single)
+    assert always_longest <= len(single) / 3, f"the key is the longest option in {always_longest} questions"
+
+
+def _lesson_output_text() -> str:
+    """Every text output committed in the lesson notebooks (streams, text/* and JSON data; no images)."""
+    parts = []
+    for path in sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        for cell in nbformat.read(path, as_version=4).cells:
+            for out in cell.get("outputs", []):
+                parts.append(out.get("text", ""))
+                parts += [v if isinstance(v, str) else json.dumps(v) for k, v in out.get("data", {}).items()
+                          if k.startswith("text/") or k.endswith("json")]
+    return "\n".join(parts)
+
+
+def test_quiz_number_answers_need_a_calculation_no_lesson_prints():
+    numeric = [q for q in _quiz() if isinstance(q["key"], (int, float))]
+    assert len(numeric) >= 8, "at least eight transfer questions with a calculated answer"
+    printed = _lesson_output_text()
+    assert "bubble" in printed, "the lessons' outputs were not found: this test would prove nothing"
+    for q in numeric:
+        v = float(q["key"])
+        forms = {f"{v:g}", f"{v:.3g}", f"{v:.4g}"} | ({f"{v:,.0f}"} if v >= 1000 and v == int(v) else set())
+        for form in forms:
+            found = re.search(rf"(?<![\d.]){re.escape(form)}(?![\d])", printed)
+            assert not found, f"{q['id']}: its answer {form} is printed by a lesson: {printed[found.start() - 80:found.end()]!r}"
+
+
+def test_exercise_3_says_what_replacing_modules_during_named_modules_does():
+    """Exercise 3's note on the tutorial's pattern (replace children while `named_modules()` walks), checked."""
+    import torch.nn as nn
+
+    from course_lib.model import GPT, GPTConfig
+
+    class Wrapper(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+    def walk_and_replace(model, wanted, make):
+        visited = []
+        for name, module in model.named_modules():
+            visited.append(name)
+            if name.rsplit(".", 1)[-1] == wanted:
+                parent_name, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent_name), child, make(module))
+        return visited
+
+    config = GPTConfig.from_preset("nano", vocab_size=40)
+    # swapping single layers in place works: every target is replaced, the walk never enters a wrapper
+    model = GPT(config)
+    visited = walk_and_replace(model, "q_proj", Wrapper)
+    assert all(isinstance(b.attn.q_proj, Wrapper) for b in model.blocks)
+    assert not any(name.endswith(".inner") for name in visited)
+    # the walk goes on into the replaced module's children, not its replacement's
+    model = GPT(config)
+    visited = walk_and_replace(model, "attn", Wrapper)
+    assert "blocks.0.attn.q_proj" in visited and "blocks.0.attn.inner" not in visited
+    # adding a child to a module whose children the walk is going through raises
+    model = GPT(config)
+    with pytest.raises(RuntimeError, match="dictionary changed size during iteration"):
+        for name, _ in model.named_modules():
+            if name.endswith("q_proj"):
+                model.get_submodule(name.rpartition(".")[0]).add_module("q_extra", nn.Identity())
+    text = nbformat.read(_nb_path(REPO, "solutions", "ex3_peft"), as_version=4)
+    part2 = next(c.source for c in text.cells if _meta(c).get("grade_id") == "md-002")
+    assert "happens to work" in part2 and "dictionary changed size during iteration" in part2.replace("\n", " ")
 
 
 @pytest.mark.parametrize("assignment", sorted(ASSIGNMENTS))
@@ -276,7 +389,8 @@ def _submissions(root: Path, out: Path) -> list[tuple[str, str]]:
     order.append(("quiz", "garbage"))
 
     def edited_test(nb, c):
-        c["q06-answer"].source = 'q6 = "A"'  # wrong (C is right) ...
+        key = ast.literal_eval(_regions(c["q06-answer"].source, "### BEGIN SOLUTION", "### END SOLUTION")[0].split("=")[1].strip())
+        c["q06-answer"].source = f'q6 = "{"A" if key != "A" else "B"}"'  # wrong ...
         c["q06-test"].source = EDITED_TEST_SOURCE  # ... and the test "fixed" to pass it
 
     quiz_variant("tamper", edited_test)
@@ -483,3 +597,66 @@ def test_a_dead_worker_fails_only_its_submission_and_is_restarted(course, graded
     assert not dead.ok and "grader process died" in dead.error
     assert alive.ok and alive.score == graded[("quiz", "solution")].score
     assert seen == ["solution", "solution"]
+
+
+# A grader process that hangs before it answers (as a kernel stuck in its start-up would), but only the
+# first time it is started: its replacement is the real worker.
+HANG_ONCE = """import os, sys, time
+marker = sys.argv[1]
+if not os.path.exists(marker):
+    open(marker, "w").close()
+    time.sleep(600)
+os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
+"""
+
+
+def test_submission_timeout_allows_every_code_cell_its_limit(course):
+    _, api = course
+    nb = nbformat.read(_nb_path(REPO, "solutions", "ex2_memory"), as_version=4)
+    cells = sum(c.cell_type == "code" for c in nb.cells)
+    assert grade.submission_timeout(api, "ex2_memory") == grade.STARTUP_ALLOWANCE_S + cells * api.config.Execute.timeout
+
+
+@pytest.mark.slow
+def test_a_worker_that_never_answers_fails_its_submission_in_bounded_time(course, tmp_path, monkeypatch):
+    _, api = course
+    _write(nbformat.read(_nb_path(REPO, "solutions", "quiz"), as_version=4), tmp_path / "in" / "on-time" / "quiz.ipynb")
+    assert grade.collect(api, tmp_path / "in") == [("quiz", "on-time")]
+    limit_s = 5.0
+    monkeypatch.setattr(grade, "submission_timeout", lambda api, a: limit_s if a == "ex2_memory" else 600.0)
+    command = grade.worker_command(api)
+    hanging = [sys.executable, "-c", HANG_ONCE, str(tmp_path / "started"), *command[1:]]
+    start = time.monotonic()
+    done = grade._grade_with_workers(api, [("ex2_memory", "stuck"), ("quiz", "on-time")], 1,
+                                     lambda i, outcome: None, command=hanging)
+    stuck, next_one = done[("ex2_memory", "stuck")], done[("quiz", "on-time")]
+    assert (tmp_path / "started").exists(), "the hanging worker never ran: the test proves nothing"
+    assert not stuck.ok and f"no result within {limit_s:.0f} s" in stuck.error
+    assert next_one.ok and next_one.score == sum(p for p, _ in _points("quiz").values()), next_one.error
+    assert time.monotonic() - start < limit_s + 120
+
+
+@pytest.mark.slow
+def test_nbgraders_own_commands_work_on_a_fresh_clone(tmp_path):
+    """A new instructor's first commands, in a `git clone` (no grading/ folder), the venv not activated."""
+    clone = tmp_path / "course"
+    subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True, timeout=120)
+    assert not (clone / "grading").exists()
+    nbgrader = str(Path(sys.executable).with_name("nbgrader"))
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep)
+                                  if Path(p).resolve() != Path(sys.executable).parent.resolve())
+
+    def run(*args):
+        done = subprocess.run([nbgrader, *args], cwd=clone, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and "error accessing the nbgrader database" not in done.stdout + done.stderr, (
+            f"nbgrader {' '.join(args)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+        return done.stdout + done.stderr
+
+    assert "There are 0 assignments" in run("db", "assignment", "list")
+    run("generate_assignment", "quiz", "--force")
+    listed = run("db", "assignment", "list")
+    assert "There are 1 assignments" in listed and "quiz" in listed
+    changed = subprocess.run(["git", "status", "--porcelain", "--", "assessments"], cwd=clone,
+                             capture_output=True, text=True, check=True).stdout
+    assert changed == "", f"nbgrader's release differs from the committed assessments/:\n{changed}"
