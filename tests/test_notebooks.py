@@ -150,6 +150,24 @@ EXPLICIT_TICKS = re.compile(r"(readable_log_ticks\(|set_[xy]ticks\(|[xy]ticks\s*
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 
+def _finished_widget_bars(nb: dict) -> set[str]:
+    """Model ids of the tqdm widgets whose saved state shows the bar finished (value == max).
+
+    A notebook tqdm bar is an HBox whose ``text/plain`` fallback is frozen at the moment it was
+    displayed ("0%"); what a reader sees is the widget state saved in the notebook's metadata.
+    """
+    state = nb.get("metadata", {}).get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {})
+    models = state.get("state", {})
+    finished = set()
+    for model_id, model in models.items():
+        children = model.get("state", {}).get("children", []) if model.get("model_name") == "HBoxModel" else []
+        for child in children:
+            bar = models.get(str(child).removeprefix("IPY_MODEL_"), {})
+            if bar.get("model_name") == "FloatProgressModel" and bar["state"].get("value") == bar["state"].get("max"):
+                finished.add(model_id)
+    return finished
+
+
 def _output_texts(out: dict) -> list[str]:
     if out.get("output_type") == "stream":
         text = out.get("text", "")
@@ -162,17 +180,19 @@ def _output_texts(out: dict) -> list[str]:
 def output_hygiene_problems(nb: dict) -> list[str]:
     """What a committed notebook's outputs and plot code do that a clean lesson must not (empty: clean).
 
-    Rules: no progress bar saved at 0%; no machine-specific path (temporary or home folders); no
+    Rules: no progress bar saved at 0% (a widget bar whose saved state reached its end is fine); no machine-specific path (temporary or home folders); no
     W&B run name (a timestamp and an id); no output holding the lines of several ranks (torchrun
     ``[rankN]:`` tags of more than one rank, or a rank's line glued into another's); no dataclass
     repr as a cell's result or a printed line; every ``legend(...)`` placed with ``loc=`` or ``bbox_to_anchor=``
     (matplotlib's default may cover data); every log axis with explicit ticks in the same cell.
     """
     problems = []
+    finished_bars = _finished_widget_bars(nb)
     for i, cell in enumerate(_code_cells(nb), start=1):
         for out in cell.get("outputs", []):
+            widget = out.get("data", {}).get(WIDGET_VIEW, {}).get("model_id")
             for text in _output_texts(out):
-                if STALE_PROGRESS.search(text):
+                if STALE_PROGRESS.search(text) and widget not in finished_bars:
                     problems.append(f"code cell {i}: a progress bar saved at 0%: {STALE_PROGRESS.search(text).string[:60]!r}")
                 if MACHINE_PATH.search(text):
                     problems.append(f"code cell {i}: a machine-specific path in the output: "
@@ -224,6 +244,18 @@ def test_hygiene_checks_catch_bad_outputs() -> None:
     for what, notebook in bad.items():
         found = " ".join(output_hygiene_problems(notebook))
         assert what.strip() in found or (what == "0%" and "0%" in found), (what, found)
+
+    # a tqdm widget: its text/plain is frozen at 0%; the saved widget state decides
+    def widget_nb(value):
+        out = {"output_type": "display_data", "metadata": {},
+               "data": {WIDGET_VIEW: {"model_id": "box"}, "text/plain": "runs:   0%|          | 0/2 [00:00<?, ?it/s]"}}
+        models = {"box": {"model_name": "HBoxModel", "state": {"children": ["IPY_MODEL_bar"]}},
+                  "bar": {"model_name": "FloatProgressModel", "state": {"value": value, "max": 2.0}}}
+        return {"cells": [{"cell_type": "code", "source": "", "outputs": [out]}],
+                "metadata": {"widgets": {"application/vnd.jupyter.widget-state+json": {"state": models}}}}
+
+    assert output_hygiene_problems(widget_nb(2.0)) == []
+    assert "0%" in " ".join(output_hygiene_problems(widget_nb(0.0)))
 
 
 def nbval_command(notebook: Path) -> list[str]:
