@@ -265,3 +265,34 @@ def apply_fsdp(model: nn.Module, mesh: Any = None, reshard_after_forward: bool =
     from course_lib.distributed.sharding import shard_model
 
     return shard_model(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+
+
+def apply_tp(model: nn.Module, mesh: Any = None) -> nn.Module:
+    """Tensor-parallelise every block of a GPT over ``mesh`` (in place; returns ``model``).
+
+    Each block's q/k/v and first MLP layer are split by columns and o_proj and the second MLP
+    layer by rows (``torch.distributed.tensor.parallel``, Megatron's layout: one all-reduce after
+    attention and one after the MLP). Embeddings, norms and the tied head stay replicated. Every
+    rank must start from the same weights.
+    """
+    from course_lib.distributed.tensor_parallel import parallelize_block
+
+    for block in model.blocks:
+        parallelize_block(block, mesh)
+    return model
+
+
+def build_pipeline(model: nn.Module, stage: int | None = None, n_stages: int | None = None) -> nn.Module:
+    """This rank's pipeline stage of a GPT: its share of the blocks (rank = stage by default).
+
+    The stages come from :func:`course_lib.distributed.pipeline.partition_layers` (uneven layer
+    counts handled); run them with :func:`course_lib.distributed.pipeline.run_schedule`.
+    """
+    from course_lib.distributed.launch import get_rank, get_world_size
+    from course_lib.distributed.pipeline import build_stage
+
+    n_stages = get_world_size() if n_stages is None else n_stages
+    stage = get_rank() if stage is None else stage
+    if not 0 <= stage < n_stages:
+        raise ValueError(f"stage {stage} does not exist in a pipeline of {n_stages} stages")
+    return build_stage(model, stage, n_stages)

@@ -185,3 +185,34 @@ def test_compile_works_with_ddp_and_lora(tmp_path):
                   _cfg(None, 3, checkpoint_every=0, grad_accum=2))
     assert losses == pytest.approx(eager.values("loss"), rel=1e-4)
     assert keys == sorted(single.state_dict()) and not [k for k in keys if "_orig_mod" in k]
+
+
+def _tp_and_pipeline_worker(rank, world_size, config, state, ids):
+    from course_lib.distributed.tensor_parallel import gather_full_grads
+    from course_lib.parallel import apply_tp, build_pipeline
+
+    model = GPT(config).double()
+    model.load_state_dict(state)
+    apply_tp(model)
+    out = model(ids, labels=ids.roll(-1, 1))
+    out.loss.backward()
+    stage = build_pipeline(GPT(config))
+    return {"logits": out.logits.detach(), "loss": out.loss.item(),
+            "grads": gather_full_grads(model.blocks[0]), "stage_layers": [int(i) for i in stage.blocks]}
+
+
+@pytest.mark.distributed
+def test_apply_tp_equals_the_unsplit_model_and_build_pipeline_gives_each_rank_its_stage():
+    config = GPTConfig(vocab_size=40, block_size=16, n_layer=3, n_head=4, n_embd=32)
+    torch.manual_seed(0)
+    reference = GPT(config).double()
+    ids = torch.randint(0, 40, (2, 16))
+    out = reference(ids, labels=ids.roll(-1, 1))
+    out.loss.backward()
+    results = spawn(_tp_and_pipeline_worker, 2, config, reference.state_dict(), ids, timeout_s=120)
+    for rank, r in enumerate(results):
+        torch.testing.assert_close(r["logits"], out.logits, rtol=1e-12, atol=1e-12)
+        assert r["loss"] == pytest.approx(out.loss.item(), rel=1e-12)
+        for name, grad in r["grads"].items():
+            torch.testing.assert_close(grad, dict(reference.blocks[0].named_parameters())[name].grad)
+        assert r["stage_layers"] == [[0, 1], [2]][rank]

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from course_lib.distributed import data_parallel as dp
 from course_lib.distributed.launch import rank_device
+from course_lib.lessons.data_parallel import _build
 from course_lib.model import GPTConfig
 
 
@@ -68,7 +69,7 @@ def overlap_timeline_worker(
     with times in seconds since the step started.
     """
     device = rank_device()
-    model = dp.wrap_ddp(dp._build(config, state), device, bucket_cap_mb=bucket_cap_mb)
+    model = dp.wrap_ddp(_build(config, state), device, bucket_cap_mb=bucket_cap_mb)
     records: list[tuple[float, float, int]] = []
     model.register_comm_hook(records, _recording_allreduce)
     local = {k: v.to(device) for k, v in dp.shard_batch(batch, rank, world_size).items()}

@@ -18,8 +18,10 @@ from typing import Any
 
 import torch
 
+from course_lib.constants import IGNORE_INDEX
 from course_lib.distributed import pipeline as pp
-from course_lib.model import IGNORE_INDEX, GPTConfig
+from course_lib.lessons.pipeline import _setup
+from course_lib.model import GPTConfig
 
 
 def busy_time_sweep_worker(
@@ -34,7 +36,7 @@ def busy_time_sweep_worker(
     [intervals of each round]}}`` for this rank's stage (CPU intervals: only the durations are
     meaningful, not the starts).
     """
-    stage, _ = pp._setup(rank, world_size, config, state)
+    stage, _ = _setup(rank, world_size, config, state)
     ids, labels = batch["input_ids"], batch["labels"]
     n_real = int((labels != IGNORE_INDEX).sum())
 

@@ -3,15 +3,17 @@
 The rules of ``benchmarks/throughput.py``, small enough to read in a notebook: warm each
 candidate up, then time them in alternating rounds (the order rotates every round, so a busy
 spell of the machine slows all alike), and compare them by the median of the *paired* ratios
-with a distribution-free confidence interval for that median.
+with a distribution-free confidence interval for that median
+(:func:`course_lib.profiling.median_interval`).
 """
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
+
+from course_lib.profiling import median_interval
 
 
 def paired_times(
@@ -37,23 +39,6 @@ def paired_times(
             if i >= warmup:
                 times[name].append(time.perf_counter() - start)
     return times
-
-
-def median_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
-    """Distribution-free confidence interval for the median (order statistics of a binomial)."""
-    n = len(values)
-    if n == 0:
-        raise ValueError("median_interval needs at least one value")
-    ordered = sorted(values)
-    tail, k = 0.0, 0
-    while k < n // 2:
-        tail += math.comb(n, k) / 2**n
-        if tail > (1 - confidence) / 2:
-            break
-        k += 1
-    if k == 0:
-        return ordered[0], ordered[-1]
-    return ordered[k - 1], ordered[n - k]
 
 
 def paired_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> tuple[float, float, float]:
