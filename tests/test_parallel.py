@@ -5,6 +5,9 @@ import shutil
 
 import pytest
 import torch
+from training_helpers import Interleave as _Interleave
+from training_helpers import learnable_stream as _stream
+from training_helpers import tiny_model as _model
 
 from course_lib.checkpoint import load_checkpoint
 from course_lib.data import RandomWindowBatches
@@ -15,32 +18,9 @@ from course_lib.training import TrainConfig, train
 V = 40
 
 
-def _model(seed=0, dropout=0.0):
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=V, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=dropout))
-
-
-def _stream(n=2000, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    base = torch.arange(n) % V
-    return torch.where(torch.rand(n, generator=g) < 0.8, base, torch.randint(0, V, (n,), generator=g)).long()
-
-
 def _cfg(out_dir, steps=4, **kw):
     return TrainConfig(**{**dict(steps=steps, lr=3e-3, warmup_steps=1, checkpoint_every=2, keep_checkpoints=5,
                                  out_dir=out_dir, progress=False, seed=7), **kw})
-
-
-class _Interleave:
-    """One process seeing both ranks' batches: rank 0's, then rank 1's, then rank 0's, ..."""
-
-    def __init__(self, streams):
-        self.streams = streams
-
-    def __iter__(self):
-        while True:
-            for s in self.streams:
-                yield next(s)
 
 
 def _fsdp_train(rank, world_size, out_dir, steps, resume):

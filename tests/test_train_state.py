@@ -6,41 +6,22 @@ import copy
 import pytest
 import torch
 from torch.utils.data import DataLoader
+from training_helpers import CrashAt as _CrashAt
+from training_helpers import learnable_stream as _stream
+from training_helpers import tiny_model as _model
 
 from course_lib.checkpoint import latest_checkpoint, load_checkpoint
 from course_lib.data import RandomWindowBatches
-from course_lib.model import GPT, IGNORE_INDEX, GPTConfig
+from course_lib.model import IGNORE_INDEX
 from course_lib.precision import make_grad_scaler
 from course_lib.training import TrainConfig, accumulate_gradients, train
 
 V = 40
 
 
-def _model(seed=0, dropout=0.0):
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=V, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=dropout))
-
-
-def _stream(n=2000, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    base = torch.arange(n) % V
-    return torch.where(torch.rand(n, generator=g) < 0.8, base, torch.randint(0, V, (n,), generator=g)).long()
-
-
 def _batches(n, rows=2, seed=3):
     source = RandomWindowBatches(_stream(), 16, rows, seed=seed)
     return [source.batch(i) for i in range(n)]
-
-
-class _CrashAt:
-    """A logger that interrupts the run (as a kill would) when it sees ``step``."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def log(self, metrics, step):
-        if step == self.step:
-            raise KeyboardInterrupt(f"simulated crash at step {step}")
 
 
 def _cfg(out, **kw):

@@ -5,6 +5,9 @@ import math
 
 import pytest
 import torch
+from training_helpers import CrashAt as _CrashAt
+from training_helpers import Interleave as _Interleave
+from training_helpers import tiny_model as _model
 
 from course_lib.checkpoint import latest_checkpoint, load_checkpoint
 from course_lib.data import RandomWindowBatches
@@ -12,11 +15,6 @@ from course_lib.model import GPT, IGNORE_INDEX, GPTConfig
 from course_lib.training import TrainConfig, accumulate_gradients, evaluate, make_optimizer, train
 
 V = 40
-
-
-def _model(seed=0, dropout=0.0):
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=V, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=dropout))
 
 
 def _padded_batch(lengths, T=16, seed=0):
@@ -80,17 +78,6 @@ def _config(tmp_path, **kw):
     base = dict(steps=12, lr=3e-3, warmup_steps=3, grad_accum=2, checkpoint_every=4, keep_checkpoints=3,
                 out_dir=str(tmp_path), progress=False, seed=7)
     return TrainConfig(**{**base, **kw})
-
-
-class _CrashAt:
-    """A logger that kills the run (as a SIGINT would) when it sees ``step``."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def log(self, metrics, step):
-        if step == self.step:
-            raise KeyboardInterrupt(f"simulated crash at step {step}")
 
 
 @pytest.mark.slow
@@ -236,18 +223,6 @@ def test_eval_data_must_be_reiterable():
 
 
 # ------------------------------------------------------------------ distributed (2 gloo ranks)
-
-
-class _Interleave:
-    """One process seeing both ranks' batches: rank 0's, then rank 1's, then rank 0's, ..."""
-
-    def __init__(self, streams):
-        self.streams = streams
-
-    def __iter__(self):
-        while True:
-            for s in self.streams:
-                yield next(s)
 
 
 def _ddp_accumulate(rank, world_size, micro):
