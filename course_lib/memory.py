@@ -101,7 +101,8 @@ def num_param_tensors(config: Any) -> int:
     per_linear = 2 if config.bias else 1
     per_norm = 2 if config.bias else 1
     per_block = 6 * per_linear + 2 * per_norm
-    return 2 + config.n_layer * per_block + per_norm  # wte (tied with the head), wpe, blocks, ln_f
+    head = 0 if getattr(config, "tie_embeddings", True) else 1  # an untied head is one more matrix
+    return 2 + head + config.n_layer * per_block + per_norm  # wte (and the head), wpe, blocks, ln_f
 
 
 def lora_num_params(config: Any, rank: int, targets: Iterable[str] = ("q_proj", "v_proj")) -> int:
@@ -278,7 +279,8 @@ def estimate_training_memory(
     if batch_size < 1 or T < 1:
         raise ValueError(f"batch_size and seq_len must be positive, got {batch_size}, {T}")
     extras = [name for name, off in (("qk_norm", False), ("z_loss", 0.0), ("logit_softcap", None),
-                                     ("mup_base_width", None)) if getattr(config, name, off) != off]
+                                     ("mup_base_width", None), ("tie_embeddings", True))
+              if getattr(config, name, off) != off]
     if extras:
         raise ValueError(
             f"the estimate models the default GPT; {', '.join(extras)} change(s) what autograd saves. "

@@ -52,6 +52,10 @@ class GPTConfig:
             proportional to 1/width. Pair it with ``course_lib.mup.mup_param_groups`` for the
             per-layer Adam learning rates. At ``n_embd == mup_base_width`` the model equals the
             standard one. ``None`` = standard parametrisation.
+        tie_embeddings: share one matrix between the token embedding and the output head (GPT-2,
+            and the default). ``False`` gives the head its own matrix: muP scales the two roles
+            differently, and lesson 18 measures the learning-rate optimum moving with width
+            under muP when they are tied. Pipeline stages need the tied model.
     """
 
     vocab_size: int = 256
@@ -65,6 +69,7 @@ class GPTConfig:
     z_loss: float = 0.0
     logit_softcap: float | None = None
     mup_base_width: int | None = None
+    tie_embeddings: bool = True
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -241,7 +246,8 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # weight tying: one matrix, used twice
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight  # weight tying: one matrix, used twice
         self.apply(self._init_weights)
         # GPT-2: scale the init of projections that write into the residual stream
         for name, p in self.named_parameters():
@@ -439,7 +445,7 @@ def padding_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def closed_form_num_params(config: GPTConfig) -> int:
-    """Parameter count of :class:`GPT` from its config alone (tied head counted once)."""
+    """Parameter count of :class:`GPT` from its config alone (a tied head counted once)."""
     d, L, V, T = config.n_embd, config.n_layer, config.vocab_size, config.block_size
     b = 1 if config.bias else 0
     ln = 2 * d if config.bias else d
@@ -447,4 +453,5 @@ def closed_form_num_params(config: GPTConfig) -> int:
     qk_norms = 2 * (2 * head_dim if config.bias else head_dim) if config.qk_norm else 0
     attn = 4 * (d * d + b * d) + qk_norms
     mlp = d * 4 * d + b * 4 * d + 4 * d * d + b * d
-    return V * d + T * d + L * (2 * ln + attn + mlp) + ln
+    head = 0 if config.tie_embeddings else V * d
+    return V * d + head + T * d + L * (2 * ln + attn + mlp) + ln

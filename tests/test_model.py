@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from course_lib.memory import num_param_tensors
 from course_lib.model import GPT, IGNORE_INDEX, PRESETS, GPTConfig, closed_form_num_params
 
 
@@ -70,11 +71,14 @@ def test_masked_keys_never_reach_real_positions_with_left_padding():
     assert not torch.allclose(model(changed).logits[0, 5:], model(ids).logits[0, 5:])  # unmasked: it leaks
 
 
+@pytest.mark.parametrize("tie", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("preset", ["nano", "tiny", "small"])
-def test_parameter_count_equals_the_closed_form(preset, bias):
-    config = GPTConfig.from_preset(preset, vocab_size=97, bias=bias)
+def test_parameter_count_equals_the_closed_form(preset, bias, tie):
+    config = GPTConfig.from_preset(preset, vocab_size=97, bias=bias, tie_embeddings=tie)
     model = GPT(config)
+    assert (model.lm_head.weight is model.wte.weight) == tie
+    assert num_param_tensors(config) == len(list(model.parameters()))
     distinct = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     assert model.num_params() == distinct == closed_form_num_params(config)
     assert model.num_params(non_embedding=True) == distinct - 97 * config.n_embd - config.block_size * config.n_embd

@@ -62,3 +62,20 @@ def test_the_muP_model_without_its_per_layer_learning_rates_fails_the_check():
     slopes = width_slopes(WIDTHS, sizes)
     assert not passes_coordinate_check(slopes)
     assert slopes["block 1"] > 1.0
+
+
+def test_an_untied_head_is_its_own_matrix_in_the_embeddings_learning_rate_group():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=V, block_size=32, n_layer=2, n_head=4, n_embd=128, mup_base_width=32,
+                          tie_embeddings=False))
+    assert model.lm_head.weight is not model.wte.weight
+    ids = _batches(1)[0]
+    model(ids["input_ids"], labels=ids["labels"]).loss.backward()
+    assert model.lm_head.weight.grad.abs().sum() > 0 and model.wte.weight.grad.abs().sum() > 0
+    unused = sorted(set(range(V)) - set(ids["input_ids"].flatten().tolist()))
+    assert unused, "the test needs a token the batch does not contain"
+    # untied, an embedding row of a token never seen as input gets no gradient; its head row does
+    assert model.wte.weight.grad[unused].abs().sum() == 0 < model.lm_head.weight.grad[unused].abs().sum()
+    hidden, matrices, vectors = mup_param_groups(model, 1e-2)
+    assert any(p is model.lm_head.weight for p in matrices["params"]) and matrices["lr"] == 1e-2
+    assert hidden["lr"] == pytest.approx(1e-2 / 4)

@@ -34,6 +34,12 @@ def test_partition_refuses_impossible_splits():
         pp.partition_layers(0, 1)
 
 
+def test_stages_refuse_an_untied_model():
+    model = GPT(GPTConfig(vocab_size=20, block_size=8, n_layer=2, n_head=2, n_embd=16, tie_embeddings=False))
+    with pytest.raises(ValueError, match="tie_embeddings=True"):
+        pp.build_stage(model, 0, 2)
+
+
 def test_the_tutorial_placements_are_wrong_when_the_division_is_not_exact():
     assert max(tutorial_device_ids(5, 2)) == 2  # device 2 of devices {0, 1}
     kept = [i for r in tutorial_stage_layers(5, 2) for i in r]

@@ -105,6 +105,8 @@ def test_the_memory_estimate_refuses_options_it_does_not_model():
 
     with pytest.raises(ValueError, match="qk_norm.*saved_activation_bytes"):
         estimate_training_memory(GPTConfig(**BASE, qk_norm=True), batch_size=2)
+    with pytest.raises(ValueError, match="tie_embeddings.*saved_activation_bytes"):
+        estimate_training_memory(GPTConfig(**BASE, tie_embeddings=False), batch_size=2)
 
 
 def test_a_float64_model_computes_its_loss_in_float64():

@@ -228,6 +228,9 @@ class GPTStage(nn.Module):
 
     def __init__(self, model: GPT, layers: range, first: bool, last: bool) -> None:
         super().__init__()
+        if not model.config.tie_embeddings:
+            raise ValueError("pipeline stages share the tied embedding/head between the first and last stage; "
+                             "build the model with GPTConfig(tie_embeddings=True)")
         self.config = model.config
         self.first, self.last = first, last
         self.blocks = nn.ModuleDict({str(i): model.blocks[i] for i in layers})
