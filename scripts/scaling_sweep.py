@@ -11,22 +11,18 @@ versions, the settings and, per size, ``course_lib.lessons.sweeps.sweep_point``'
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
-import platform
-import shlex
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
 
+from course_lib.lessons.cache import cache_header, write_cache  # noqa: E402
 from course_lib.lessons.sweeps import DEFAULT_SWEEP, SweepSize, sweep_point  # noqa: E402
 
 DEFAULT_OUT = ROOT / "notebooks" / "data" / "scaling_sweep.json"
@@ -71,9 +67,7 @@ def main(argv: list[str] | None = None) -> int:
               f"val loss {r['points'][-1]['val_loss']:.3f} after {r['points'][-1]['tokens']:,} tokens "
               f"({r['seconds']:.0f} s)")
     out = {
-        "command": " ".join(["python scripts/scaling_sweep.py", *(shlex.quote(a) for a in (argv or sys.argv[1:]))]),
-        "created": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        "torch": torch.__version__, "python": platform.python_version(),
+        **cache_header("scripts/scaling_sweep.py", sys.argv[1:] if argv is None else argv),
         "corpus": "shakespeare", "tokenizer": "char",
         "settings": {"steps": args.steps, "eval_every": args.eval_every, "batch_size": args.batch_size,
                      "block_size": args.block_size, "lr": args.lr, "schedule": "20-step warmup, then constant",
@@ -81,8 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_seconds": round(time.perf_counter() - t0, 1),
         "runs": runs,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1) + "\n")
+    write_cache(args.out, out, indent=1)
     print(f"wrote {args.out} in {out['wall_seconds']:.0f} s")
     return 0
 

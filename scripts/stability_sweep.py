@@ -11,12 +11,8 @@ records (loss, gradient norm, update-to-weight ratio, attention and output logit
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import shlex
 import sys
 from concurrent.futures import ProcessPoolExecutor
-from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,6 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from course_lib.lessons.cache import cache_header, write_cache  # noqa: E402
 from course_lib.lessons.stability import MODEL_DEFAULTS, STABILITY_SWEEP, TRAIN_DEFAULTS, stability_run  # noqa: E402
 
 DEFAULT_OUT = ROOT / "notebooks" / "data" / "stability_sweep.json"
@@ -56,14 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     with ProcessPoolExecutor(args.workers) as pool:
         runs = list(pool.map(_one, jobs))
     out = {
-        "command": "python scripts/stability_sweep.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
-        "created": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        "torch": torch.__version__, "python": platform.python_version(),
+        **cache_header("scripts/stability_sweep.py", sys.argv[1:] if argv is None else argv),
         "settings": {"model": MODEL_DEFAULTS, "train": {**TRAIN_DEFAULTS, "steps": args.steps}, "seeds": args.seeds},
         "runs": _rounded(runs),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out) + "\n")
+    write_cache(args.out, out)
     print(f"wrote {len(runs)} runs to {args.out}")
     return 0
 
