@@ -1,6 +1,7 @@
 """Lesson 18: learning-rate sweeps across widths (SP vs muP), WSD vs cosine, Muon vs AdamW.
 
-Every run trains a 2-block GPT on the bundled Shakespeare characters through
+Every run trains a 2-block GPT with an untied output head (``tie_embeddings=False``: muP scales
+the embedding and the head differently) on the bundled Shakespeare characters through
 :func:`course_lib.training.train`; only the optimizer or schedule handed to it changes.
 """
 
@@ -23,8 +24,9 @@ from course_lib.training import TrainConfig, make_optimizer, train
 
 BASE_WIDTH = 32
 WIDTHS = (32, 64, 128, 256)
-LRS = tuple(1e-3 * 2.0**k for k in range(-3, 5))  # 1.25e-4 ... 1.6e-2
-SWEEP_STEPS = 100
+LRS = tuple(1e-3 * 2.0**k for k in range(8))  # 1e-3 ... 1.28e-1
+SWEEP_STEPS = 300
+SEEDS = (0, 1, 2)
 BLOCK, BATCH, LAYERS, HEADS = 64, 16, 2, 4
 LAST = 10  # final loss = mean of the last LAST logged losses (one step is noisy)
 
@@ -34,26 +36,28 @@ def _data(seed: int) -> tuple[RandomWindowBatches, int]:
     return RandomWindowBatches(tokens, block_size=BLOCK, batch_size=BATCH, seed=seed), tokenizer.vocab_size
 
 
-def build_model(width: int, mup: bool, vocab_size: int, seed: int) -> GPT:
+def build_model(width: int, mup: bool, vocab_size: int, seed: int, tie_embeddings: bool = False) -> GPT:
     """The sweep's model at ``width``: standard, or muP relative to ``BASE_WIDTH``."""
     torch.manual_seed(seed)
     return GPT(GPTConfig(vocab_size=vocab_size, block_size=BLOCK, n_layer=LAYERS, n_head=HEADS, n_embd=width,
-                         mup_base_width=BASE_WIDTH if mup else None))
+                         mup_base_width=BASE_WIDTH if mup else None, tie_embeddings=tie_embeddings))
 
 
 def final_loss(losses: list[float]) -> float:
     return statistics.fmean(losses[-LAST:])
 
 
-def lr_sweep_point(width: int, lr: float, mup: bool, seed: int = 0, steps: int = SWEEP_STEPS) -> dict[str, Any]:
-    """One (width, learning rate) point: AdamW with muP's per-layer rates when ``mup``."""
+def lr_sweep_point(width: int, lr: float, mup: bool, seed: int = 0, steps: int = SWEEP_STEPS,
+                   tie_embeddings: bool = False) -> dict[str, Any]:
+    """One (width, learning rate, seed) point: AdamW with muP's per-layer rates when ``mup``."""
     batches, vocab = _data(seed)
-    model = build_model(width, mup, vocab, seed)
+    model = build_model(width, mup, vocab, seed, tie_embeddings)
     config = TrainConfig(steps=steps, lr=lr, warmup_steps=steps // 10, weight_decay=0.0, seed=seed, progress=False)
     result = train(model, batches, config,
                    optimizer=lambda m: torch.optim.AdamW(mup_param_groups(m, lr), betas=config.betas))
     losses = result.values("loss")
-    return {"width": width, "lr": lr, "mup": mup, "seed": seed, "final_loss": final_loss(losses)}
+    return {"width": width, "lr": lr, "mup": mup, "seed": seed, "tied": tie_embeddings,
+            "final_loss": final_loss(losses)}
 
 
 def schedule_comparison(width: int, lr: float, budgets: tuple[int, ...], decay_frac: float = 0.2,
