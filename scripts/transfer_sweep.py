@@ -1,6 +1,6 @@
 """Run lesson 18's sweeps (learning rate x width under SP and muP, WSD vs cosine, Muon vs AdamW) and cache them.
 
-    python scripts/transfer_sweep.py                  # the cached sweep (about 30 minutes on 2 cores)
+    python scripts/transfer_sweep.py                  # the cached sweep (about 40 minutes on 2 cores)
     python scripts/transfer_sweep.py --widths 32 64 --steps 30 --seeds 0 --out /tmp/quick.json
 
 The learning-rate sweep runs every width, rate and seed under SP and muP (untied head), plus one
