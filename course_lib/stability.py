@@ -10,7 +10,8 @@ training instabilities"; Dehghani et al. 2023 on attention-logit growth):
   divergence, what z-loss and soft-capping guard);
 * :class:`UpdateRatioLogger`: ``||w_t - w_{t-1}|| / ||w_{t-1}||`` per parameter group (the
   update-to-weight ratio; around 1e-3 is healthy for Adam, 1e-2 and up precedes trouble);
-* :func:`count_spikes`: how many steps' loss jumps above a running reference.
+* :func:`count_spikes`: how many steps' loss jumps above a running reference;
+* :func:`final_loss`: the mean of the last few logged losses, the number runs are compared by.
 
 Each monitor is a logger for :func:`course_lib.training.train` (pass it in ``loggers``): at every
 logged step it stores its values in ``records[step]``. The two logit monitors are also context
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import abc
 import math
+import statistics
 from collections.abc import Sequence
 from typing import Any
 
@@ -137,3 +139,10 @@ def count_spikes(losses: Sequence[float], factor: float = 1.3, window: int = 10)
         if not math.isfinite(losses[t]) or losses[t] > factor * reference:
             spikes += 1
     return spikes
+
+
+def final_loss(losses: Sequence[float], last: int = 10) -> float:
+    """Mean of the last ``last`` logged losses: one noisy batch does not decide a comparison."""
+    if not losses or last < 1:
+        raise ValueError(f"need at least one loss and last >= 1, got {len(losses)} losses, last={last}")
+    return statistics.fmean(losses[-last:])

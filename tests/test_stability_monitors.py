@@ -80,3 +80,12 @@ def test_count_spikes():
     assert count_spikes([9.0] + flat) == 0  # the first window is not judged
     with pytest.raises(ValueError):
         count_spikes(flat, factor=1.0)
+
+
+def test_final_loss_is_the_mean_of_the_last_losses_and_refuses_none():
+    from course_lib.stability import final_loss
+
+    assert final_loss([9.0, 1.0, 2.0, 3.0], last=3) == 2.0
+    assert final_loss([4.0, 2.0]) == 3.0  # fewer than `last`: all of them
+    with pytest.raises(ValueError, match="at least one loss"):
+        final_loss([])

@@ -8,7 +8,6 @@ the embedding and the head differently) on the bundled Shakespeare characters th
 from __future__ import annotations
 
 import math
-import statistics
 import tempfile
 from typing import Any
 
@@ -20,6 +19,7 @@ from course_lib.model import GPT, GPTConfig
 from course_lib.muon import Muon, muon_param_groups
 from course_lib.mup import mup_param_groups
 from course_lib.schedulers import warmup_stable_decay
+from course_lib.stability import final_loss
 from course_lib.training import TrainConfig, make_optimizer, train
 
 BASE_WIDTH = 32
@@ -28,7 +28,6 @@ LRS = tuple(1e-3 * 2.0**k for k in range(8))  # 1e-3 ... 1.28e-1
 SWEEP_STEPS = 300
 SEEDS = (0, 1, 2)
 BLOCK, BATCH, LAYERS, HEADS = 64, 16, 2, 4
-LAST = 10  # final loss = mean of the last LAST logged losses (one step is noisy)
 
 
 def _data(seed: int) -> tuple[RandomWindowBatches, int]:
@@ -41,10 +40,6 @@ def build_model(width: int, mup: bool, vocab_size: int, seed: int, tie_embedding
     torch.manual_seed(seed)
     return GPT(GPTConfig(vocab_size=vocab_size, block_size=BLOCK, n_layer=LAYERS, n_head=HEADS, n_embd=width,
                          mup_base_width=BASE_WIDTH if mup else None, tie_embeddings=tie_embeddings))
-
-
-def final_loss(losses: list[float]) -> float:
-    return statistics.fmean(losses[-LAST:])
 
 
 def lr_sweep_point(width: int, lr: float, mup: bool, seed: int = 0, steps: int = SWEEP_STEPS,
